@@ -1,0 +1,48 @@
+"""The one attention function of the library.
+
+Every attention in the models (U-Net self- and cross-attention, the VAE's single-head
+attention, the text encoder's causal attention) calls `attention`, so a faster kernel plugs
+in here and nowhere else.
+
+Axis letters: B batch, H heads, N query tokens, M key tokens, D head size.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(q, k, v, *, causal=False, scale=None):
+    """softmax(q kᵀ · scale) v, per batch and head.
+
+    q: (B, H, N, D); k, v: (B, H, M, D) -> (B, H, N, D). `scale` defaults to 1/sqrt(D).
+    `causal` masks key j > query i (the text encoder); it needs N == M.
+    """
+    _check_shapes(q, k, v, causal)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+def attention_reference(q, k, v, *, causal=False, scale=None):
+    """The textbook formula, computed in float32 (float64 if given float64): the yardstick."""
+    _check_shapes(q, k, v, causal)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, N, M)
+    if causal:
+        n, m = scores.shape[-2:]
+        future = torch.ones(n, m, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def _check_shapes(q, k, v, causal):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"attention wants (B, H, N, D) tensors, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[2]} "
+                         f"and {k.shape[2]}")

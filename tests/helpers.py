@@ -1,0 +1,39 @@
+"""Shared test utilities: the real checkpoint manifests, random weights, relative error."""
+from pathlib import Path
+
+import torch
+
+# shared/ lies beside the project's root, for developers and CI alike.
+MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "manifests"
+
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "I64": torch.int64, "I32": torch.int32}
+
+
+def read_manifest(name):
+    """{tensor name: (shape tuple, torch dtype)} of a real checkpoint, e.g. "sd15_emaonly"."""
+    rows = {}
+    for line in (MANIFESTS / f"{name}.tsv").read_text().splitlines():
+        tensor, shape, dtype = line.split("\t")
+        rows[tensor] = (tuple(int(n) for n in shape.split(",")) if shape else (), DTYPES[dtype])
+    return rows
+
+
+def randomize_(module, seed):
+    """Give every parameter random values, norms and biases included, so that a wrong name
+    mapping or a transposed weight cannot hide behind default initialisations (ones, zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+            if p.ndim <= 1:  # norm scales near 1, biases near 0: realistic but not default
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
+            else:
+                fan_in = p[0].numel()
+                p.copy_(noise / fan_in ** 0.5)
+    return module
+
+
+def rel_error(out, ref):
+    """‖out − ref‖ / ‖ref‖, computed in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
