@@ -1,0 +1,17 @@
+"""Samplers: pure functions of (eps_fn, x, timesteps, alphas_cumprod) that return the final latent.
+
+    eps_fn = cfg(pipe.unet, cond, uncond, scale=7.5)       # eps_fn(x, t) -> ε, guidance.py
+    ts = ddim_timesteps(50)                                # 981, 961, …, 1
+    z = sample_ddim(eps_fn, x_T, ts, pipe.alphas_cumprod)  # or sample_plms / sample_ddpm
+
+img2img: start at a tail of the timesteps, x = add_noise(z0, noise, ts[k], alphas_cumprod),
+then sample with ts[k:].
+"""
+from ldm.samplers.common import add_noise
+from ldm.samplers.ddim import ddim_step, ddim_timesteps, sample_ddim
+from ldm.samplers.ddpm import ddpm_step, sample_ddpm
+from ldm.samplers.guidance import cfg
+from ldm.samplers.plms import sample_plms
+
+__all__ = ["add_noise", "cfg", "ddim_step", "ddim_timesteps", "ddpm_step", "sample_ddim",
+           "sample_ddpm", "sample_plms"]

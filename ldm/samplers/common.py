@@ -1,0 +1,47 @@
+"""What every sampler shares: the forward process q(x_t | x_0) and the checks on a timestep list.
+
+Shapes: x, x0, noise (B, C, h, w); t an int or (B,) int64; alphas_cumprod (T,) float64.
+"""
+import torch
+
+
+def add_noise(x0, noise, t, alphas_cumprod):
+    """x_t = sqrt(alphā_t) x0 + sqrt(1 - alphā_t) noise: a sample of q(x_t | x_0) (DDPM eq. 4).
+
+    img2img and inpainting use it to put a clean latent at the level of their first timestep.
+    t: an int (same step for the whole batch) or a (B,) int64 tensor (one step per image).
+    The coefficients are computed in float64, then cast to x0's dtype and device.
+    """
+    a = torch.as_tensor(alphas_cumprod, dtype=torch.float64)[torch.as_tensor(t).cpu()]
+    a = a.reshape(-1, *[1] * (x0.ndim - 1)).to(x0.device, x0.dtype)  # (B or 1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def check_timesteps(timesteps, alphas_cumprod):
+    """The timesteps as a list of Python ints, after checking they can be sampled.
+
+    Converting once up front means the loops do their scalar math on the host in float64
+    (Python floats) and never wait on the device.
+    Raises ValueError unless timesteps is a non-empty 1-D sequence, strictly descending,
+    within [0, len(alphas_cumprod)).
+    """
+    ts = torch.as_tensor(timesteps).cpu()
+    if ts.ndim != 1 or len(ts) == 0 or ts.is_floating_point():
+        raise ValueError(f"timesteps must be a non-empty 1-D integer sequence, got {timesteps!r}")
+    ts = ts.tolist()
+    if any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"timesteps must be strictly descending, got {ts}")
+    if ts[-1] < 0 or ts[0] >= len(alphas_cumprod):
+        raise ValueError(f"timesteps must lie in [0, {len(alphas_cumprod)}), got {ts[0]} … {ts[-1]}")
+    return ts
+
+
+def alphas_of(timesteps, alphas_cumprod):
+    """[alphā_t for t in timesteps] as Python floats (float64)."""
+    ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
+    return ac[timesteps].tolist()
+
+
+def full_t(t, x):
+    """The int step t as the (B,) int64 tensor on x's device that eps_fn takes."""
+    return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)

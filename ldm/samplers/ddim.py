@@ -1,0 +1,79 @@
+"""DDIM (Song et al. 2020, arXiv:2010.02502), as CompVis `ldm/models/diffusion/ddim.py` samples it.
+
+One step from t to the next visited step t' (alphā written a):
+    x0    = (x_t - sqrt(1 - a_t) ε) / sqrt(a_t)                          predicted clean latent (eq. 12)
+    σ_t   = η sqrt((1 - a_t') / (1 - a_t)) sqrt(1 - a_t / a_t')            (eq. 16)
+    x_t'  = sqrt(a_t') x0 + sqrt(1 - a_t' - σ_t²) ε + σ_t z,   z ~ N(0, I)
+η = 0 is deterministic; η = 1 is DDPM's ancestral sampling over the visited steps.
+x0 is never clipped (the original does not clip it for latents).
+
+Shapes: x, ε, z (B, C, h, w); t (B,) int64 for eps_fn; alphas_cumprod (T,) float64.
+"""
+import torch
+
+from ldm.samplers.common import alphas_of, check_timesteps, full_t
+
+
+def ddim_timesteps(steps, num_train_steps=1000):
+    """The (steps,) int64 timesteps DDIM visits, descending: for 50 steps 981, 961, …, 21, 1.
+
+    The original's "uniform" discretisation, range(0, T, T // steps) + 1. Where steps does not
+    divide T, that range is longer than asked (30 → 31 steps; 9 → 10 steps ending at t = 1000,
+    an IndexError in the original): we keep its first `steps` entries, as diffusers' "leading"
+    spacing does. Both agree whenever steps divides T (10, 20, 25, 50, 100, 250 …).
+    """
+    if not 1 <= steps < num_train_steps:
+        raise ValueError(f"steps must be in [1, {num_train_steps - 1}] (the +1 offset puts step "
+                         f"{num_train_steps} past the schedule), got {steps}")
+    ts = torch.arange(steps, dtype=torch.long) * (num_train_steps // steps)
+    # Quirk of the original: +1 on every step, "to get the final alpha values right"; the
+    # visited steps are 1, 21, …, not 0, 20, …
+    ts = ts + 1
+    return ts.flip(0)
+
+
+def ddim_sigma(a_t, a_prev, eta):
+    """σ_t of eq. 16 for stepping from alphā a_t to alphā a_prev (floats)."""
+    return eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+
+
+def ddim_step(x, eps, a_t, a_prev, sigma=0.0, noise=None):
+    """One DDIM update. Returns (x at alphā a_prev, predicted x0), both (B, C, h, w).
+
+    a_t, a_prev, sigma: Python floats (float64); noise: z, needed only when sigma > 0.
+    """
+    x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+    dir_xt = (1 - a_prev - sigma ** 2) ** 0.5 * eps  # the "direction pointing to x_t"
+    x_prev = a_prev ** 0.5 * x0 + dir_xt
+    if sigma > 0:
+        x_prev = x_prev + sigma * noise
+    return x_prev, x0
+
+
+def sample_ddim(eps_fn, x, timesteps, alphas_cumprod, *, eta=0.0, generator=None, callback=None):
+    """Run DDIM from x at timesteps[0] down through every timestep; returns the final latent.
+
+    eps_fn(x, t) -> ε: x (B, C, h, w), t (B,) int64. timesteps: descending ints (a tail of
+    `ddim_timesteps(n)` for img2img). With eta > 0, z is drawn each step as
+    torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype).
+    callback(i, t, x, x0) after step i, with t the int step just taken, x the new latent and
+    x0 the step's prediction of the clean latent; a returned tensor replaces x.
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    ts = check_timesteps(timesteps, alphas_cumprod)
+    alphas = alphas_of(ts, alphas_cumprod)
+    # Quirk of the original: the last step goes to alphā_0 (≈ 0.99915), not to 1 (clean data),
+    # so the result keeps a trace of noise, and with eta > 0 the last step still adds noise.
+    alphas_prev = alphas[1:] + alphas_of([0], alphas_cumprod)
+    for i, (t, a_t, a_prev) in enumerate(zip(ts, alphas, alphas_prev)):
+        eps = eps_fn(x, full_t(t, x))
+        sigma = ddim_sigma(a_t, a_prev, eta)
+        noise = None
+        if sigma > 0:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x, x0 = ddim_step(x, eps, a_t, a_prev, sigma, noise)
+        if callback is not None:
+            replaced = callback(i, t, x, x0)  # inpainting puts the known region back
+            x = x if replaced is None else replaced
+    return x

@@ -1,0 +1,58 @@
+"""PLMS, pseudo linear multistep (Liu et al. 2022, arXiv:2202.09778), as CompVis
+`ldm/models/diffusion/plms.py` samples it.
+
+Every step is a deterministic DDIM step (η = 0, see ddim.py) taken with a combined noise
+estimate ε' in place of the model's ε_t = eps_fn(x_t, t). With e_{-1}, e_{-2}, e_{-3} the ε_t
+of the previous steps (the model's raw outputs, not their ε'):
+    first step:  x' = DDIM step of x_t with ε_t;  ε' = (ε_t + eps_fn(x', t_next)) / 2
+                 (a "pseudo improved Euler" step: the model is called twice)
+    then         ε' = (3 ε_t - e_{-1}) / 2                                  2nd-order Adams–Bashforth
+                 ε' = (23 ε_t - 16 e_{-1} + 5 e_{-2}) / 12                   3rd order
+                 ε' = (55 ε_t - 59 e_{-1} + 37 e_{-2} - 9 e_{-3}) / 24        4th order, from then on
+diffusers' PNDMScheduler warms up differently (Runge–Kutta steps with extra model calls);
+this is the original's algorithm.
+
+Shapes: x, ε (B, C, h, w); t (B,) int64 for eps_fn; alphas_cumprod (T,) float64.
+"""
+from ldm.samplers.common import alphas_of, check_timesteps, full_t
+from ldm.samplers.ddim import ddim_step
+
+# Adams–Bashforth weights on (ε_t, e_{-1}, e_{-2}, e_{-3}) and their divisor, keyed by how
+# many past ε are stored.
+ADAMS_BASHFORTH = {1: ((3, -1), 2), 2: ((23, -16, 5), 12), 3: ((55, -59, 37, -9), 24)}
+
+
+def sample_plms(eps_fn, x, timesteps, alphas_cumprod, *, callback=None):
+    """Run PLMS from x at timesteps[0] down through every timestep; returns the final latent.
+
+    eps_fn(x, t) -> ε: x (B, C, h, w), t (B,) int64. timesteps: descending ints, usually
+    `ddim_timesteps(n)`. Deterministic (the original refuses η ≠ 0 for PLMS).
+    callback(i, t, x, x0) after step i, with t the int step just taken, x the new latent and
+    x0 the step's prediction of the clean latent; a returned tensor replaces x.
+    Model calls: len(timesteps) + 1.
+    """
+    ts = check_timesteps(timesteps, alphas_cumprod)
+    alphas = alphas_of(ts, alphas_cumprod)
+    # As DDIM (same quirk): the last step goes to alphā_0, not to 1.
+    alphas_prev = alphas[1:] + alphas_of([0], alphas_cumprod)
+    old_eps = []  # the model's ε of the last (up to) 3 steps, oldest first
+    for i, (t, a_t, a_prev) in enumerate(zip(ts, alphas, alphas_prev)):
+        eps = eps_fn(x, full_t(t, x))
+        if not old_eps:
+            x_next, _ = ddim_step(x, eps, a_t, a_prev)
+            # Quirk of the original: t_next is min(i + 1, last), so with a single step the
+            # second call is at t itself (though x_next is already at alphā_0's level).
+            t_next = ts[min(i + 1, len(ts) - 1)]
+            eps_prime = (eps + eps_fn(x_next, full_t(t_next, x))) / 2
+        else:
+            weights, divisor = ADAMS_BASHFORTH[len(old_eps)]
+            eps_prime = weights[0] * eps
+            for w, e in zip(weights[1:], reversed(old_eps)):  # e_{-1}, e_{-2}, e_{-3}
+                eps_prime = eps_prime + w * e
+            eps_prime = eps_prime / divisor
+        x, x0 = ddim_step(x, eps_prime, a_t, a_prev)
+        old_eps = (old_eps + [eps])[-3:]  # the raw ε_t is stored; the second call's is not
+        if callback is not None:
+            replaced = callback(i, t, x, x0)  # inpainting puts the known region back
+            x = x if replaced is None else replaced
+    return x
