@@ -1,7 +1,11 @@
 """Shared test utilities: the real checkpoint manifests, random weights, relative error."""
+import gzip
+import json
 from pathlib import Path
 
 import torch
+
+from ldm.tokenizer import VOCAB_PATH
 
 # shared/ lies beside the project's root, for developers and CI alike.
 MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "manifests"
@@ -37,3 +41,21 @@ def rel_error(out, ref):
     """‖out − ref‖ / ‖ref‖, computed in float64."""
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm()).item()
+
+
+def write_clip_vocab_files(folder):
+    """vocab.json + merges.txt for transformers' CLIPTokenizer, made from the BPE merges file as
+    openai/clip-vit-large-patch14's were: 256 byte symbols, the same with "</w>", one token per
+    merge, then the two special tokens. Returns the folder."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    lines = gzip.open(VOCAB_PATH).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False)
+    (folder / "vocab.json").write_text(vocab, encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n",
+                                       encoding="utf-8")
+    return folder

@@ -4,10 +4,8 @@ and with OpenAI's SimpleTokenizer on 300+ prompts, known ids, truncation, shapes
 The references are built from the same OpenAI merges file that `ldm` ships: the test writes the
 vocab.json / merges.txt pair exactly as openai/clip-vit-large-patch14's were made.
 """
-import gzip
 import html
 import importlib.util
-import json
 import os
 import random
 import re
@@ -20,7 +18,9 @@ import ftfy
 import pytest
 import torch
 
-from ldm.tokenizer import VOCAB_PATH, CLIPTokenizer
+from ldm.tokenizer import CLIPTokenizer
+
+from helpers import write_clip_vocab_files
 
 START, END = 49406, 49407
 HAND_WRITTEN = Path(__file__).parent / "data" / "prompts.txt"
@@ -105,19 +105,8 @@ def assert_same(prompts, ours, theirs, reference):
 @pytest.fixture(scope="module")
 def vocab_dir(tmp_path_factory):
     """vocab.json + merges.txt from the merges file, as OpenAI's vocabulary was converted for the
-    hub: 256 byte symbols, the same with "</w>", one token per merge, then the two specials."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    lines = gzip.open(VOCAB_PATH).read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    folder = tmp_path_factory.mktemp("clip_vocab")
-    vocab = json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False)
-    (folder / "vocab.json").write_text(vocab, encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return folder
+    hub."""
+    return write_clip_vocab_files(tmp_path_factory.mktemp("clip_vocab"))
 
 
 def slow_clip_clean(text):

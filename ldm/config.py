@@ -1,0 +1,64 @@
+"""Whole-model configurations: which U-Net, VAE and text encoder make up one Stable Diffusion.
+
+Each component has its own frozen dataclass beside its module (`UNetConfig`, `VAEConfig`,
+`CLIPTextConfig`) whose defaults are the SD 1.5 numbers; this file only combines them into the
+named presets. Variants are made with `dataclasses.replace`.
+"""
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from ldm.models.clip_text import CLIP_TINY, CLIPTextConfig
+from ldm.models.unet import UNET_SD15_INPAINTING, UNET_TINY, UNetConfig
+from ldm.models.vae import VAE_TINY, VAEConfig
+
+# SD 1.x/2.x latents are scaled by this constant so that they have roughly unit variance
+# (CompVis `scale_factor`); it belongs to the pipeline, not to the VAE.
+SD_SCALE_FACTOR = 0.18215
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a model generates with when the caller does not say: the SD script's defaults, or
+    what a model card recommends."""
+    steps: int = 50
+    sampler: str = "ddim"
+    cfg_scale: float = 7.5
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One latent diffusion model: the three networks plus the latent scale factor."""
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
+    scale_factor: float = SD_SCALE_FACTOR
+    image_size: int = 512  # the native (training) resolution: the default height and width
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text):
+        """Inverse of `to_json`; lists become tuples again so configs stay hashable."""
+        raw = json.loads(text)
+        parts = {"unet": UNetConfig, "vae": VAEConfig, "text": CLIPTextConfig,
+                 "sampling": SamplingDefaults}
+        kwargs = {k: _build(parts[k], v) if k in parts else v for k, v in raw.items()}
+        return cls(**kwargs)
+
+
+def _build(config_cls, values):
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown {config_cls.__name__} fields {sorted(unknown)}")
+    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+PRESETS = {
+    "sd15": ModelConfig(),  # also SD 1.4, 1.2, 1.1: the same network
+    "sd15-inpainting": ModelConfig(unet=UNET_SD15_INPAINTING),
+    "tiny": ModelConfig(unet=UNET_TINY, vae=VAE_TINY, text=CLIP_TINY),
+}

@@ -1,0 +1,169 @@
+"""Full-size SD 1.5 parity: `ldm.load` on an original-layout file vs diffusers / transformers.
+
+A random checkpoint is written with exactly the tensor names, shapes and dtypes of the released
+v1-5-pruned-emaonly (from ../shared/manifests), as .safetensors and as a Lightning-style .ckpt.
+The references get the same tensors through diffusers' own original-to-diffusers converters, so
+the name map is checked by code nobody here wrote. fp32 on CPU, random inputs, fresh seeds.
+"""
+import gc
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import ldm
+from ldm import schedule
+
+from helpers import read_manifest, rel_error
+
+pytestmark = pytest.mark.slow
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+from diffusers.loaders import single_file_utils as convert  # noqa: E402
+
+TOLERANCE = 1e-5
+
+
+def random_tensor(name, shape, dtype, g):
+    """Values of realistic scale: weights ~ 1/sqrt(fan_in), norm scales ~ 1, biases ~ 0."""
+    if dtype not in (torch.float32, torch.float16):
+        return torch.zeros(shape, dtype=dtype)  # the int scalars: replaced below
+    noise = torch.randn(shape, generator=g)
+    if len(shape) >= 2:
+        return noise / noise[0].numel() ** 0.5
+    if len(shape) == 1 and "norm" in name and name.endswith("weight"):
+        return 1.0 + 0.1 * noise
+    return 0.1 * noise
+
+
+@pytest.fixture(scope="module")
+def sd15_files(tmp_path_factory):
+    seed = int(torch.randint(1 << 30, ()))
+    g = torch.Generator().manual_seed(seed)
+    tensors = {name: random_tensor(name, shape, dtype, g)
+               for name, (shape, dtype) in read_manifest("sd15_emaonly").items()}
+    tensors.update(schedule.checkpoint_buffers())
+    tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"] = \
+        torch.arange(77).unsqueeze(0)
+    tensors["model_ema.decay"] = torch.tensor(0.9999)
+    tensors["model_ema.num_updates"] = torch.tensor(470000, dtype=torch.int32)
+    folder = tmp_path_factory.mktemp("sd15")
+    paths = {"safetensors": folder / "v1-5-random.safetensors",
+             "ckpt": folder / "v1-5-random.ckpt"}
+    save_file(tensors, str(paths["safetensors"]), metadata={"format": "pt"})
+    torch.save({"state_dict": tensors, "global_step": 470000, "epoch": 5}, paths["ckpt"])
+    del tensors
+    gc.collect()
+    return paths
+
+
+@pytest.fixture(scope="module")
+def pipe(sd15_files):
+    return ldm.load(sd15_files["safetensors"])
+
+
+def original_tensors(path, prefix):
+    with safe_open(str(path), "pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys() if name.startswith(prefix)}
+
+
+def reference_unet(path):
+    config = dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+        attention_head_dim=8,  # diffusers' name for the number of heads
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    model = diffusers.UNet2DConditionModel(**config)
+    weights = convert.convert_ldm_unet_checkpoint(
+        original_tensors(path, "model.diffusion_model."), config)
+    model.load_state_dict(weights, strict=True)
+    return model.eval()
+
+
+def reference_vae(path):
+    config = dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    model = diffusers.AutoencoderKL(**config)
+    weights = convert.convert_ldm_vae_checkpoint(original_tensors(path, "first_stage_model."), config)
+    model.load_state_dict(weights, strict=True)
+    return model.eval()
+
+
+def reference_text_encoder(path):
+    config = transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    model = transformers.CLIPTextModel(config)
+    weights = convert.convert_ldm_clip_checkpoint(original_tensors(path, "cond_stage_model."))
+    if not hasattr(model, "text_model"):  # transformers 5 dropped the `text_model.` level
+        weights = {name.removeprefix("text_model."): w for name, w in weights.items()}
+    # position_ids is a non-persistent buffer in transformers: not a weight.
+    weights = {name: w for name, w in weights.items() if not name.endswith("position_ids")}
+    model.load_state_dict(weights, strict=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def test_unet_matches_diffusers(pipe, sd15_files):
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    x = torch.randn(2, 4, 32, 32, generator=g)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    context = torch.randn(2, 77, 768, generator=g)
+    ours = pipe.unet(x, t, context)
+    reference = reference_unet(sd15_files["safetensors"])
+    expected = reference(x, t, encoder_hidden_states=context).sample
+    error = rel_error(ours, expected)
+    print(f"U-Net relative error vs diffusers: {error:.2e}")
+    assert error <= TOLERANCE
+
+
+@torch.no_grad()
+def test_vae_matches_diffusers(pipe, sd15_files):
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    images = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    reference = reference_vae(sd15_files["safetensors"])
+    mean_error = rel_error(pipe.vae.encode(images).mean,
+                           reference.encode(images).latent_dist.mean)
+    decode_error = rel_error(pipe.vae.decode(latents), reference.decode(latents).sample)
+    print(f"VAE relative error vs diffusers: encode mean {mean_error:.2e}, "
+          f"decode {decode_error:.2e}")
+    assert mean_error <= TOLERANCE and decode_error <= TOLERANCE
+
+
+@torch.no_grad()
+def test_text_encoder_matches_transformers(pipe, sd15_files):
+    ids = pipe.tokenizer(["a photo of an astronaut riding a horse on mars",
+                          "Ölgemälde einer Katze, 4k, trending on artstation 🐈"])
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    random_ids = torch.randint(0, 49406, (1, 77), generator=g)
+    ids = torch.cat([ids, random_ids])
+    reference = reference_text_encoder(sd15_files["safetensors"])
+    error = rel_error(pipe.text_encoder(ids), reference(ids).last_hidden_state)
+    print(f"text encoder relative error vs transformers: {error:.2e}")
+    assert error <= TOLERANCE
+
+
+def test_ckpt_and_safetensors_load_the_same_tensors(pipe, sd15_files):
+    from_ckpt = ldm.load(sd15_files["ckpt"])
+    ours = pipe.state_dict()
+    theirs = from_ckpt.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    del from_ckpt
+
+
+def test_full_size_save_round_trip(pipe, sd15_files, tmp_path):
+    out = tmp_path / "resaved.safetensors"
+    ldm.save(pipe, out)
+    with safe_open(str(sd15_files["safetensors"]), "pt") as original, \
+            safe_open(str(out), "pt") as resaved:
+        missing = set(original.keys()) - set(resaved.keys())
+        assert missing == {"model_ema.decay", "model_ema.num_updates"}
+        for name in resaved.keys():
+            assert torch.equal(original.get_tensor(name), resaved.get_tensor(name)), name
