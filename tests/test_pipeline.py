@@ -1,0 +1,183 @@
+"""Generation through the pipeline (txt2img, img2img, inpaint) and the command line.
+
+On the tiny preset with random weights: these check the plumbing (seeds, shapes, guidance,
+masks, argument errors, files); the sampler math is checked in test_samplers.py and the model
+math in the parity tests.
+"""
+from dataclasses import replace
+
+import pytest
+import torch
+from PIL import Image
+
+import ldm
+from ldm import cli
+from ldm.config import PRESETS
+from ldm.models.unet import UNET_TINY
+
+from helpers import randomize_
+
+SIZE = 32  # pixels; the tiny VAE downsamples by 2, so 16×16 latents
+
+
+def random_pipe(config, seed):
+    pipe = ldm.StableDiffusion(config)
+    for i, module in enumerate(pipe.networks().values()):
+        randomize_(module, seed + i)
+    return pipe.eval()
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return random_pipe(PRESETS["tiny"], seed=int(torch.randint(1 << 20, ())))
+
+
+def gen(pipe, prompt="a red circle", **kwargs):
+    kwargs = {"steps": 4, "height": SIZE, "width": SIZE, "progress": False, **kwargs}
+    return pipe.txt2img(prompt, **kwargs)
+
+
+def test_txt2img_outputs(pipe):
+    images = gen(pipe, num_images=2)
+    assert len(images) == 2 and images[0].size == (SIZE, SIZE) and images[0].mode == "RGB"
+    latents = gen(pipe, ["a red circle", "a blue square"], output_type="latent", num_images=3)
+    assert latents.shape == (6, 4, SIZE // 2, SIZE // 2)
+    tensor = gen(pipe, output_type="tensor")
+    assert tensor.shape == (1, 3, SIZE, SIZE) and torch.isfinite(tensor).all()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "plms", "ddpm"])
+def test_same_seed_same_image_other_seed_other_image(pipe, sampler):
+    a = gen(pipe, sampler=sampler, seed=7, output_type="latent")
+    b = gen(pipe, sampler=sampler, seed=7, output_type="latent")
+    c = gen(pipe, sampler=sampler, seed=8, output_type="latent")
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_explicit_latents_are_the_starting_noise(pipe):
+    noise = torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(3))
+    from_latents = gen(pipe, latents=noise, output_type="latent")
+    from_seed = gen(pipe, seed=3, output_type="latent")  # the documented draw: CPU, float32
+    assert torch.equal(from_latents, from_seed)
+    with pytest.raises(ValueError, match=r"latents must have shape \(1, 4, 16, 16\)"):
+        gen(pipe, latents=noise[:, :, :8])
+
+
+def test_negative_prompt_replaces_the_unconditional_text(pipe):
+    plain = gen(pipe, seed=1, output_type="latent")
+    negative = gen(pipe, seed=1, negative_prompt="blurry", output_type="latent")
+    assert not torch.allclose(plain, negative)
+    no_guidance = gen(pipe, seed=1, negative_prompt="blurry", cfg_scale=1.0, output_type="latent")
+    assert torch.allclose(no_guidance, gen(pipe, seed=1, cfg_scale=1.0, output_type="latent"))
+
+
+def test_img2img_strength_sets_how_many_steps_run(pipe):
+    image = Image.new("RGB", (SIZE, SIZE), (200, 30, 30))
+
+    def visited(strength):
+        calls = []
+        pipe.img2img(image, "a red circle", strength=strength, steps=10, seed=0, progress=False,
+                     callback=lambda i, t, x, x0: calls.append(t))
+        return calls
+    # 10 DDIM steps visit 901, 801, …, 1; strength 0.5 re-runs the last int(0.5 * 10) of them.
+    assert visited(0.5) == [401, 301, 201, 101, 1]
+    assert visited(1.0) == list(range(901, 0, -100))
+    assert visited(0.01) == [1]  # at least one step
+
+
+def test_inpainting_with_an_ordinary_model_keeps_the_unmasked_latents(pipe):
+    image = Image.new("RGB", (SIZE, SIZE), (30, 30, 200))
+    mask = torch.zeros(SIZE, SIZE)
+    mask[:, SIZE // 2:] = 1  # repaint the right half
+    a = pipe.inpaint(image, mask, "a red circle", steps=5, seed=4, output_type="latent",
+                     progress=False)
+    b = pipe.inpaint(image, mask, "a green triangle", steps=5, seed=4, output_type="latent",
+                     progress=False)
+    keep, repaint = slice(0, SIZE // 4), slice(SIZE // 4, SIZE // 2)
+    assert torch.allclose(a[..., keep], b[..., keep], atol=1e-5)
+    assert not torch.allclose(a[..., repaint], b[..., repaint], atol=1e-3)
+
+
+def test_inpainting_model_sees_mask_and_masked_image():
+    config = replace(PRESETS["tiny"], unet=replace(UNET_TINY, in_channels=9))
+    pipe = random_pipe(config, seed=11)
+    seen = []
+    forward = pipe.unet.forward
+    pipe.unet.forward = lambda x, t, ctx: seen.append(x) or forward(x, t, ctx)
+    image = torch.rand(1, 3, SIZE, SIZE) * 2 - 1
+    mask = torch.zeros(1, 1, SIZE, SIZE)
+    mask[..., :8, :] = 1
+    out = pipe.inpaint(image, mask, "a circle", steps=3, seed=0, output_type="latent",
+                       progress=False)
+    assert out.shape == (1, 4, SIZE // 2, SIZE // 2)
+    x = seen[0]
+    assert x.shape == (2, 9, SIZE // 2, SIZE // 2)  # [uncond, cond] × [latent, mask, masked]
+    assert torch.equal(x[:, 4], torch.nn.functional.interpolate(mask, size=(16, 16))[:, 0]
+                       .expand(2, -1, -1))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"steps": 0}, "steps must be an integer in"),
+    ({"steps": -3}, "steps must be an integer in"),
+    ({"sampler": "euler"}, "sampler must be one of 'ddim', 'plms', 'ddpm'"),
+    ({"height": 31}, "height must be a positive multiple of 2"),
+    ({"output_type": "jpeg"}, "output_type must be one of"),
+    ({"eta": -1.0}, "eta must be >= 0"),
+    ({"num_images": 0}, "num_images must be a positive integer"),
+])
+def test_bad_arguments_are_named(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        gen(pipe, **kwargs)
+
+
+def test_bad_image_arguments_are_named(pipe):
+    image = Image.new("RGB", (SIZE, SIZE))
+    for strength in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="strength must be in"):
+            pipe.img2img(image, "x", strength=strength, steps=2, progress=False)
+    with pytest.raises(ValueError, match="mask size .* differs from image size"):
+        pipe.inpaint(image, Image.new("L", (SIZE, SIZE + 2)), "x", steps=2, progress=False)
+    with pytest.raises(ValueError, match="height must be a positive multiple"):
+        pipe.img2img(Image.new("RGB", (SIZE, SIZE + 1)), "x", steps=2, progress=False)
+
+
+def test_cli_writes_png_with_parameters_and_never_overwrites(pipe, tmp_path, monkeypatch):
+    ckpt = tmp_path / "tiny.safetensors"
+    ldm.save(pipe, ckpt)
+    out = tmp_path / "out.png"
+    args = ["txt2img", "a red circle", "--ckpt", str(ckpt), "--steps", "3", "--seed", "5",
+            "--height", "32", "--width", "32", "--out", str(out), "--no-progress"]
+    assert cli.main(args) == 0
+    first = out.read_bytes()
+    assert cli.main(args) == 0
+    assert out.read_bytes() == first  # kept
+    second = tmp_path / "out-1.png"
+    assert second.read_bytes() == first  # same seed, same image, next free name
+    info = Image.open(out).text
+    assert info["prompt"] == "a red circle" and info["seed"] == "5" and info["steps"] == "3"
+    assert info["sampler"] == "ddim" and info["size"] == "32x32" and len(info["model_sha256"]) == 64
+    assert cli.main(args + ["--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out-1.png", "out.png", "tiny.safetensors"]
+
+
+def test_cli_img2img_and_inpaint(pipe, tmp_path):
+    ckpt = tmp_path / "tiny.safetensors"
+    ldm.save(pipe, ckpt)
+    Image.new("RGB", (SIZE, SIZE), (10, 200, 10)).save(tmp_path / "in.png")
+    Image.new("L", (SIZE, SIZE), 255).save(tmp_path / "mask.png")
+    common = ["--ckpt", str(ckpt), "--steps", "2", "--no-progress"]
+    assert cli.main(["img2img", "a circle", "--image", str(tmp_path / "in.png"),
+                     "--out", str(tmp_path / "a.png"), *common]) == 0
+    assert cli.main(["inpaint", "a circle", "--image", str(tmp_path / "in.png"), "--mask",
+                     str(tmp_path / "mask.png"), "--out", str(tmp_path / "b.png"), *common]) == 0
+    assert Image.open(tmp_path / "a.png").size == (SIZE, SIZE)
+    assert Image.open(tmp_path / "b.png").text["command"] == "inpaint"
+
+
+def test_cli_help_explains_each_command(capsys):
+    for command in cli.COMMANDS:
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "--ckpt" in text and "--seed" in text and "--out" in text
