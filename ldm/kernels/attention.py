@@ -1,25 +1,48 @@
-"""The one attention function of the library.
+"""The one attention function of the library, and the choice of kernel behind it.
 
 Every attention in the models (U-Net self- and cross-attention, the VAE's single-head
 attention, the text encoder's causal attention) calls `attention`, so a faster kernel plugs
-in here and nowhere else.
+in here and nowhere else. The kernel is chosen at call time:
+
+    backend      runs                                                  default for
+    "triton"     ldm.kernels.flash_attention (fused, online softmax)   —  (see below)
+    "sdpa"       torch.nn.functional.scaled_dot_product_attention      CPU and CUDA tensors
+    "reference"  the textbook softmax(q kᵀ) v in float32: the yardstick
+
+The `backend` argument, or else the LDM_ATTENTION environment variable, forces one, so the
+paths can be compared in place (LDM_ATTENTION=reference python -m ldm txt2img …).
+The Triton kernel is proven against the reference under the interpreter, but it has not yet
+run on a GPU here: it becomes the CUDA default once its GPU tests and benchmark have.
 
 Axis letters: B batch, H heads, N query tokens, M key tokens, D head size.
 """
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
+BACKENDS = ("triton", "sdpa", "reference")
 
-def attention(q, k, v, *, causal=False, scale=None):
+
+def attention(q, k, v, *, causal=False, scale=None, backend=None):
     """softmax(q kᵀ · scale) v, per batch and head.
 
     q: (B, H, N, D); k, v: (B, H, M, D) -> (B, H, N, D). `scale` defaults to 1/sqrt(D).
     `causal` masks key j > query i (the text encoder); it needs N == M.
+    `backend`: one of BACKENDS, else $LDM_ATTENTION, else the default for the device.
     """
     _check_shapes(q, k, v, causal)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    backend = backend or os.environ.get("LDM_ATTENTION") or "sdpa"
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    if backend == "triton":
+        from ldm.kernels.flash_attention import flash_attention  # imports Triton only when used
+        return flash_attention(q, k, v, causal=causal, scale=scale)
+    if backend == "reference":
+        return attention_reference(q, k, v, causal=causal, scale=scale).to(q.dtype)
+    raise ValueError(f"attention backend must be one of {BACKENDS} (argument or "
+                     f"$LDM_ATTENTION), got {backend!r}")
 
 
 def attention_reference(q, k, v, *, causal=False, scale=None):

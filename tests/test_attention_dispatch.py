@@ -1,0 +1,48 @@
+"""The one attention function: each backend in place inside the real models, forced by argument
+or by $LDM_ATTENTION, agrees with the others."""
+import pytest
+import torch
+
+from ldm.kernels import attention, attention_reference
+from ldm.models.clip_text import CLIP_TINY, CLIPTextModel
+from ldm.models.unet import UNET_TINY, UNet
+from ldm.models.vae import VAE_TINY, AutoencoderKL
+
+from helpers import randomize_, rel_error
+
+
+def run_models(seed):
+    """Outputs of a tiny U-Net, VAE and text encoder on fixed random inputs."""
+    g = torch.Generator().manual_seed(seed)
+    unet = randomize_(UNet(UNET_TINY), seed).eval()
+    vae = randomize_(AutoencoderKL(VAE_TINY), seed + 1).eval()
+    text = randomize_(CLIPTextModel(CLIP_TINY), seed + 2).eval()
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    context = torch.randn(2, 77, UNET_TINY.context_dim, generator=g)
+    images = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    ids = torch.randint(0, 49406, (2, 77), generator=g)
+    with torch.no_grad():
+        return [unet(x, torch.tensor([10, 900]), context), vae.decode(vae.encode(images).mean),
+                text(ids)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_backends_agree_inside_the_models(backend, monkeypatch):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    seed = int(torch.randint(1 << 20, ()))
+    sdpa = run_models(seed)
+    monkeypatch.setenv("LDM_ATTENTION", backend)
+    forced = run_models(seed)
+    for ours, ref in zip(forced, sdpa):
+        assert rel_error(ours, ref) <= 1e-5
+
+
+def test_argument_overrides_environment_and_bad_names_are_refused(monkeypatch):
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 20, ())))
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    monkeypatch.setenv("LDM_ATTENTION", "no-such-kernel")
+    out = attention(q, k, v, causal=True, backend="reference")
+    assert rel_error(out, attention_reference(q, k, v, causal=True)) == 0.0
+    with pytest.raises(ValueError, match="backend must be one of .*'no-such-kernel'"):
+        attention(q, k, v)
