@@ -64,9 +64,10 @@ class StableDiffusion(nn.Module):
 
     def encode_image(self, images, generator=None):
         """(B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) scaled latents, drawn from the posterior
-        as the original `get_first_stage_encoding` does."""
+        as the original `get_first_stage_encoding` does. `generator` is a CPU generator."""
         posterior = self.vae.encode(images.to(self.device, self.dtype))
-        return posterior.sample(generator=generator) * self.scale_factor
+        noise = self._noise(posterior.mean.shape, generator)  # CPU-drawn, like all our noise
+        return posterior.sample(noise=noise) * self.scale_factor
 
     def decode_latents(self, latents):
         """(B, 4, h, w) scaled latents -> (B, 3, 8h, 8w) images in about [-1, 1]."""
@@ -87,8 +88,11 @@ class StableDiffusion(nn.Module):
         prompt / negative_prompt: a string or a list (one per image); the negative prompt
         replaces the empty prompt of classifier-free guidance. steps, sampler ("ddim", "plms",
         "ddpm") and cfg_scale default to the model's `config.sampling` (SD: 50, DDIM, 7.5);
-        height/width to its native size. seed or generator fix the noise; `latents` gives it explicitly.
+        height/width to its native size. `seed` or a CPU `generator` fixes the noise (drawn on
+        the CPU in float32, then moved, so a seed means the same start on any device);
+        `latents` (B, 4, h, w) gives the starting noise explicitly.
         """
+        self._require_plain_unet("txt2img")
         job = self._prepare(prompt, negative_prompt, num_images, steps, sampler, cfg_scale,
                             output_type, eta)
         h, w = self._latent_size(height, width)
@@ -108,6 +112,7 @@ class StableDiffusion(nn.Module):
         """
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
+        self._require_plain_unet("img2img")
         job = self._prepare(prompt, negative_prompt, num_images, steps, sampler, cfg_scale,
                             output_type, eta)
         generator = _generator(seed, generator)
@@ -174,6 +179,11 @@ class StableDiffusion(nn.Module):
                     sampler=sampler, eta=eta, output_type=output_type, eps_model=self.unet,
                     timesteps=sampler_timesteps(sampler, steps))
 
+    def _require_plain_unet(self, task):
+        if self.unet.config.in_channels != self.unet.config.out_channels:
+            raise ValueError(f"this is an inpainting checkpoint ({self.unet.config.in_channels} "
+                             f"input channels): use pipe.inpaint, not {task}")
+
     def _latent_size(self, height, width):
         factor = self.vae.config.downsampling_factor
         height = self.config.image_size if height is None else height
@@ -213,6 +223,11 @@ class StableDiffusion(nn.Module):
 
     def _run(self, job, x, timesteps, generator, callback, progress):
         eps_fn = samplers.cfg(job.eps_model, job.cond, job.uncond, job.cfg_scale)
+        # The samplers draw their per-step noise (DDPM, DDIM with eta > 0) on the latents'
+        # device; seed a generator there from ours.
+        if self.device.type != "cpu":
+            seed = int(torch.randint(2**62, (), generator=generator))
+            generator = torch.Generator(self.device).manual_seed(seed)
         callback = _chain(callback, _progress_bar(len(timesteps)) if progress else None)
         if job.sampler == "ddim":
             x0 = samplers.sample_ddim(eps_fn, x, timesteps, self.alphas_cumprod, eta=job.eta,
@@ -259,10 +274,16 @@ def sampler_timesteps(sampler, steps):
 def _generator(seed, generator):
     """Noise is drawn on the CPU from this generator, so a seed gives the same image anywhere."""
     if generator is not None:
+        if generator.device.type != "cpu":
+            raise ValueError("generator must be a CPU torch.Generator: ldm draws noise on the "
+                             "CPU so that a seed gives the same image on any device")
         return generator
+    fresh = torch.Generator()
     if seed is None:
-        return torch.Generator().manual_seed(torch.seed())
-    return torch.Generator().manual_seed(int(seed))
+        fresh.seed()  # a non-deterministic seed, without touching torch's global generator
+    else:
+        fresh.manual_seed(int(seed))
+    return fresh
 
 
 def _check_choice(name, value, allowed):

@@ -64,6 +64,17 @@ def test_explicit_latents_are_the_starting_noise(pipe):
         gen(pipe, latents=noise[:, :, :8])
 
 
+def test_seedless_runs_differ_and_leave_the_global_generator_alone(pipe):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, b = gen(pipe, output_type="latent"), gen(pipe, output_type="latent")
+    assert not torch.allclose(a, b)
+    assert torch.equal(torch.get_rng_state(), before)
+    g = torch.Generator().manual_seed(9)
+    assert torch.equal(gen(pipe, generator=g, output_type="latent"),
+                       gen(pipe, seed=9, output_type="latent"))
+
+
 def test_negative_prompt_replaces_the_unconditional_text(pipe):
     plain = gen(pipe, seed=1, output_type="latent")
     negative = gen(pipe, seed=1, negative_prompt="blurry", output_type="latent")
@@ -115,6 +126,8 @@ def test_inpainting_model_sees_mask_and_masked_image():
     assert x.shape == (2, 9, SIZE // 2, SIZE // 2)  # [uncond, cond] × [latent, mask, masked]
     assert torch.equal(x[:, 4], torch.nn.functional.interpolate(mask, size=(16, 16))[:, 0]
                        .expand(2, -1, -1))
+    with pytest.raises(ValueError, match="inpainting checkpoint .* not txt2img"):
+        gen(pipe)
 
 
 @pytest.mark.parametrize("kwargs, message", [

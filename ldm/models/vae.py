@@ -235,10 +235,12 @@ class DiagonalGaussian:
     def std(self):
         return torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator=None):
-        """mean + std · ε with ε ~ N(0, I) drawn from `generator`: (B, z_channels, h, w)."""
-        noise = torch.randn(self.mean.shape, generator=generator,
-                            device=self.mean.device, dtype=self.mean.dtype)
+    def sample(self, generator=None, noise=None):
+        """mean + std · ε: (B, z_channels, h, w). ε is `noise` if given, else drawn from
+        `generator` (which must live on the latents' device)."""
+        if noise is None:
+            noise = torch.randn(self.mean.shape, generator=generator,
+                                device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * noise
 
     def mode(self):
