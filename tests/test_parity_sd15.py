@@ -7,6 +7,8 @@ the name map is checked by code nobody here wrote. fp32 on CPU, random inputs, f
 """
 import gc
 
+import numpy as np
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -15,7 +17,7 @@ from safetensors.torch import save_file
 import ldm
 from ldm import schedule
 
-from helpers import read_manifest, rel_error
+from helpers import read_manifest, rel_error, write_clip_vocab_files
 
 pytestmark = pytest.mark.slow
 diffusers = pytest.importorskip("diffusers")
@@ -167,3 +169,32 @@ def test_full_size_save_round_trip(pipe, sd15_files, tmp_path):
         assert missing == {"model_ema.decay", "model_ema.num_updates"}
         for name in resaved.keys():
             assert torch.equal(original.get_tensor(name), resaved.get_tensor(name)), name
+
+
+@torch.no_grad()
+def test_ddim_txt2img_matches_diffusers_pipeline(pipe, sd15_files, tmp_path):
+    """Issue 3's end-to-end check: the same latents through our DDIM txt2img and diffusers'
+    StableDiffusionPipeline with a DDIMScheduler configured like the original; mean absolute
+    pixel difference at most 1 of 255."""
+    path = sd15_files["safetensors"]
+    scheduler = diffusers.DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(
+        write_clip_vocab_files(tmp_path), pad_token="<|endoftext|>", model_max_length=77)
+    reference = diffusers.StableDiffusionPipeline(
+        vae=reference_vae(path), text_encoder=reference_text_encoder(path), tokenizer=tokenizer,
+        unet=reference_unet(path), scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    latents = torch.randn(1, 4, 32, 32, generator=g)
+    prompt, negative = "a watercolor painting of a lighthouse", "blurry, low quality"
+    expected = reference(prompt, negative_prompt=negative, num_inference_steps=4, height=256,
+                         width=256, guidance_scale=7.5, latents=latents, output_type="pil").images
+    ours = pipe.txt2img(prompt, negative_prompt=negative, steps=4, sampler="ddim", cfg_scale=7.5,
+                        height=256, width=256, latents=latents, progress=False)
+    difference = (torch.tensor(np.asarray(ours[0]), dtype=torch.float64)
+                  - torch.tensor(np.asarray(expected[0]), dtype=torch.float64)).abs().mean().item()
+    print(f"DDIM txt2img mean absolute pixel difference vs diffusers: {difference:.4f} / 255")
+    assert difference <= 1.0
