@@ -1,0 +1,33 @@
+# The two commands of the README. Each sets up .venv/ from the project's own files on first use.
+PYTHON ?= python3
+VENV ?= .venv
+# A plain `torch` requirement can pull a multi-GB CUDA build; name the one you want here.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test test-fast
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/python -m ldm txt2img "a red circle in the top left" --out out.png
+
+# OpenAI's original CLIP tokenizer, a test reference, ships inside this wheel; its package is
+# not installed (it pulls in torchvision), the tests read the one file they need from it.
+OPEN_CLIP_WHEEL = build/reference/open_clip_torch-3.3.0-py3-none-any.whl
+
+test: $(VENV)/.installed-test $(OPEN_CLIP_WHEEL)
+	$(VENV)/bin/python -m pytest -q
+
+test-fast: $(VENV)/.installed-test $(OPEN_CLIP_WHEEL)
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+$(OPEN_CLIP_WHEEL): $(VENV)/.installed-test
+	$(VENV)/bin/pip download -q --no-deps open_clip_torch==3.3.0 -d build/reference
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q "$(TORCH)" -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q "$(TORCH)" -e ".[test]"
+	touch $@ $(VENV)/.installed

@@ -1,0 +1,87 @@
+"""Peak memory and time of `ldm.load` on a full-size SD 1.5 checkpoint (random weights).
+
+    python benchmarks/load_memory.py [--ckpt FILE]
+
+Without --ckpt, writes a random checkpoint with the exact tensor set of v1-5-pruned-emaonly
+(from ../shared/manifests) to a temporary folder first. Each load runs in a fresh process, and
+its peak anonymous memory (what it allocated) and peak resident memory (which also counts the
+file's mapped pages) are compared with the size of the weights.
+"""
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "manifests" / "sd15_emaonly.tsv"
+DTYPES = {"F32": torch.float32, "I64": torch.int64, "I32": torch.int32}
+
+MEASURE = """
+import json, resource, sys, threading, time, torch, ldm
+
+# Peak RSS counts the file's pages that the mmap touched, which the OS can drop at will; the
+# memory loading really needs is the anonymous part (RssAnon), sampled while it runs.
+peak_anon, done = [0], threading.Event()
+def sample():
+    while not done.is_set():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                peak_anon[0] = max(peak_anon[0], int(line.split()[1]) * 1024)
+        time.sleep(0.005)
+threading.Thread(target=sample, daemon=True).start()
+start = time.perf_counter()
+pipe = ldm.load(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+seconds = time.perf_counter() - start
+done.set()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+weights = sum(t.numel() * t.element_size() for t in pipe.state_dict().values())
+print(json.dumps({"seconds": seconds, "peak_rss": peak, "peak_anon": peak_anon[0],
+                  "weights": weights}))
+"""
+
+
+def write_random_checkpoint(path):
+    tensors = {}
+    for line in MANIFEST.read_text().splitlines():
+        name, shape, dtype = line.split("\t")
+        shape = tuple(int(n) for n in shape.split(",")) if shape else ()
+        tensors[name] = (torch.randn(shape) * 0.02).to(DTYPES[dtype])
+    save_file(tensors, str(path))
+
+
+def measure(path, dtype):
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(path), dtype],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        path = args.ckpt
+        if path is None:
+            path = Path(folder) / "sd15-random.safetensors"
+            write_random_checkpoint(path)
+        size = path.stat().st_size
+        print(f"machine: {platform.processor() or platform.machine()}, python "
+              f"{platform.python_version()}, torch {torch.__version__}")
+        print(f"checkpoint: {path.name}, {size / 2**30:.2f} GiB")
+        print(f"{'dtype':<9} {'load s':>7} {'weights GiB':>12} {'peak anon GiB':>14} "
+              f"{'peak RSS GiB':>13}")
+        for dtype in ("float32", "float16"):
+            r = measure(path, dtype)
+            print(f"{dtype:<9} {r['seconds']:>7.1f} {r['weights'] / 2**30:>12.2f} "
+                  f"{r['peak_anon'] / 2**30:>14.2f} {r['peak_rss'] / 2**30:>13.2f}")
+        print("peak anon: memory the load allocated (the weights it copied or cast); peak RSS "
+              "adds the checkpoint's pages mapped from disk, which the OS can drop")
+
+
+if __name__ == "__main__":
+    main()
