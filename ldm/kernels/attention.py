@@ -32,7 +32,7 @@ def attention(q, k, v, *, causal=False, scale=None, backend=None):
     `causal` masks key j > query i (the text encoder); it needs N == M.
     `backend`: one of BACKENDS, else $LDM_ATTENTION, else the default for the device.
     """
-    _check_shapes(q, k, v, causal)
+    check_shapes(q, k, v, causal)
     backend = backend or os.environ.get("LDM_ATTENTION") or "sdpa"
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
@@ -47,7 +47,7 @@ def attention(q, k, v, *, causal=False, scale=None, backend=None):
 
 def attention_reference(q, k, v, *, causal=False, scale=None):
     """The textbook formula, computed in float32 (float64 if given float64): the yardstick."""
-    _check_shapes(q, k, v, causal)
+    check_shapes(q, k, v, causal)
     dtype = torch.promote_types(q.dtype, torch.float32)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -59,12 +59,13 @@ def attention_reference(q, k, v, *, causal=False, scale=None):
     return scores.softmax(dim=-1) @ v
 
 
-def _check_shapes(q, k, v, causal):
+def check_shapes(q, k, v, causal, caller="attention"):
+    """Raise a ValueError unless q (B, H, N, D), k and v (B, H, M, D) fit together."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"attention wants (B, H, N, D) tensors, got q {tuple(q.shape)}, "
+        raise ValueError(f"{caller} wants (B, H, N, D) tensors, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"attention shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+        raise ValueError(f"{caller} shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[2]} "

@@ -46,6 +46,8 @@ import math
 
 import torch
 
+from ldm.kernels.attention import check_shapes
+
 try:
     import triton
     import triton.language as tl
@@ -191,15 +193,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_inputs(q, k, v, causal):
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"flash_attention wants (B, H, N, D) tensors, got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"flash_attention shapes disagree: q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if causal and q.shape[2] != k.shape[2]:
-        raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[2]} "
-                         f"and {k.shape[2]}")
+    check_shapes(q, k, v, causal, caller="flash_attention")
     if k.shape[2] == 0:
         raise ValueError("flash_attention needs at least one key (softmax over nothing)")
     if q.shape[-1] > 512:
