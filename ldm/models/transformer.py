@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ldm.kernels import attention
+from ldm.kernels import attention, geglu
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -80,8 +80,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
-        value, gate = self.proj(x).chunk(2, dim=-1)  # value first, as in the original
-        return value * F.gelu(gate)
+        return geglu(self.proj(x))  # value · gelu(gate), value first as in the original
 
 
 class FeedForward(nn.Module):

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.kernels import group_norm_silu
 from ldm.models.transformer import GroupNorm32, SpatialTransformer, zero_init
 
 
@@ -142,9 +143,11 @@ class ResBlock(nn.Module):
                                 else nn.Conv2d(in_channels, out_channels, 1))
 
     def forward(self, x, emb):
-        h = self.in_layers(x)
+        norm1, _, conv1 = self.in_layers  # GroupNorm, SiLU, conv: the first two fused in one call
+        h = conv1(group_norm_silu(x, norm1))
         h = h + self.emb_layers(emb)[:, :, None, None]  # (B, C_out) -> (B, C_out, 1, 1)
-        return self.skip_connection(x) + self.out_layers(h)
+        norm2, _, dropout, conv2 = self.out_layers
+        return self.skip_connection(x) + conv2(dropout(group_norm_silu(h, norm2)))
 
 
 class Downsample(nn.Module):
@@ -227,7 +230,8 @@ class UNet(nn.Module):
             x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
             # An Upsample in this block must land on the size of the skip that comes next.
             x = block(x, emb, context, size=skips[-1].shape[-2:] if skips else None)
-        return self.out(x)
+        norm, _, conv = self.out  # GroupNorm, SiLU (fused with it), conv
+        return conv(group_norm_silu(x, norm))
 
     def _check_inputs(self, x, t, context):
         """Raise a ValueError naming the bad argument; return t as a (B,) tensor."""

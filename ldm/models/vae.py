@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ldm.kernels import attention
+from ldm.kernels import attention, group_norm_silu
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,8 @@ class ResnetBlock(nn.Module):
                              if in_channels != out_channels else nn.Identity())
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(group_norm_silu(x, self.norm1))
+        h = self.conv2(group_norm_silu(h, self.norm2))
         return self.nin_shortcut(x) + h
 
 
@@ -192,7 +192,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(group_norm_silu(h, self.norm_out))
 
 
 class Decoder(nn.Module):
@@ -218,7 +218,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(group_norm_silu(h, self.norm_out))
 
 
 class DiagonalGaussian:
