@@ -11,23 +11,38 @@ from ldm.models.vae import VAE_TINY, AutoencoderKL
 from helpers import randomize_, rel_error
 
 
+# The Triton kernel runs on a GPU, or on the CPU under the interpreter (tests/conftest.py).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def run_models(seed):
     """Outputs of a tiny U-Net, VAE and text encoder on fixed random inputs."""
     g = torch.Generator().manual_seed(seed)
-    unet = randomize_(UNet(UNET_TINY), seed).eval()
-    vae = randomize_(AutoencoderKL(VAE_TINY), seed + 1).eval()
-    text = randomize_(CLIPTextModel(CLIP_TINY), seed + 2).eval()
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    context = torch.randn(2, 77, UNET_TINY.context_dim, generator=g)
-    images = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
-    ids = torch.randint(0, 49406, (2, 77), generator=g)
+    unet = randomize_(UNet(UNET_TINY), seed).eval().to(DEVICE)
+    vae = randomize_(AutoencoderKL(VAE_TINY), seed + 1).eval().to(DEVICE)
+    text = randomize_(CLIPTextModel(CLIP_TINY), seed + 2).eval().to(DEVICE)
+    x = torch.randn(2, 4, 8, 8, generator=g).to(DEVICE)
+    context = torch.randn(2, 77, UNET_TINY.context_dim, generator=g).to(DEVICE)
+    images = (torch.rand(1, 3, 16, 16, generator=g) * 2 - 1).to(DEVICE)
+    ids = torch.randint(0, 49406, (2, 77), generator=g).to(DEVICE)
+    t = torch.tensor([10, 900], device=DEVICE)
     with torch.no_grad():
-        return [unet(x, torch.tensor([10, 900]), context), vae.decode(vae.encode(images).mean),
-                text(ids)]
+        return [unet(x, t, context), vae.decode(vae.encode(images).mean), text(ids)]
+
+
+@pytest.fixture
+def exact_float32(monkeypatch):
+    """TF32 convolutions and matmuls (CUDA's default for convs) would round the small
+    differences between attention kernels up to ~1e-3; compare in true float32."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_backends_agree_inside_the_models(backend, monkeypatch):
+def test_backends_agree_inside_the_models(backend, monkeypatch, exact_float32):
     if backend == "triton":
         pytest.importorskip("triton")
     seed = int(torch.randint(1 << 20, ()))
