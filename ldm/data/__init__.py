@@ -1,0 +1,1 @@
+"""Training data. `shapes`: the synthetic "shapes world" the shipped tiny model learns."""

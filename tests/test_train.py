@@ -1,0 +1,179 @@
+"""Training: the losses fall, checkpoints resume exactly and load with their EMA, data-parallel
+training equals single-process training, and the shipped model draws what it is told."""
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ldm import checkpoint, train
+from ldm.config import ModelConfig
+from ldm.data import shapes
+from ldm.judge import accepts
+from ldm.loader import DEFAULT_CHECKPOINT, load
+from ldm.models.clip_text import CLIPTextConfig
+from ldm.models.unet import UNetConfig
+from ldm.models.vae import VAEConfig
+
+# Every block type of the real model, at the smallest widths that still run.
+MICRO = ModelConfig(
+    unet=UNetConfig(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                    num_heads=1, context_dim=8, norm_groups=4),
+    vae=VAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4),
+    text=CLIPTextConfig(width=8, layers=1, heads=1),
+    scale_factor=1.0)
+FEW_STEPS = train.TrainConfig(vae_steps=4, vae_batch=4, steps=4, batch=4, warmup=1,
+                              checkpoint_every=2, ema_decay=0.9)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add overhead (and CI shares its cores)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _fixed_diffusion_batch(pipe, n=16):
+    """A fixed (latents, ids, t, noise) to measure the diffusion loss on, the same every time."""
+    g = torch.Generator().manual_seed(99)
+    batch = shapes.training_batch(n, g)
+    with torch.no_grad():
+        latents = pipe.vae.encode(batch.images).mean * pipe.scale_factor
+    t = torch.randint(0, 1000, (n,), generator=g)
+    return latents, pipe.tokenizer(batch.captions), t, torch.randn(latents.shape, generator=g)
+
+
+def _fixed_images(n=8):
+    return shapes.training_batch(n, torch.Generator().manual_seed(98)).images
+
+
+@torch.no_grad()
+def _losses(pipe):
+    autoencoder = train.AutoencoderObjective(pipe.vae, 1e-5)(
+        _fixed_images(), torch.zeros(8, 4, 32, 32))
+    diffusion = train.DiffusionObjective(pipe.text_encoder, pipe.unet, pipe.alphas_cumprod)(
+        *_fixed_diffusion_batch(pipe))
+    return autoencoder.item(), diffusion.item()
+
+
+def test_both_losses_fall():
+    config = dataclasses.replace(FEW_STEPS, vae_steps=15, steps=15, vae_lr=1e-2, lr=1e-2)
+    before = _losses(train.new_state(MICRO, config).pipe)
+    after = _losses(train.train(MICRO, config, shapes.training_batch, progress=False).pipe)
+    # Measured: 2.11 -> 1.75 and 1.00 (the zero-initialised U-Net predicts ε = 0) -> 0.55.
+    assert after[0] < 0.9 * before[0], f"autoencoder loss {before[0]:.3f} -> {after[0]:.3f}"
+    assert after[1] < 0.8 * before[1], f"diffusion loss {before[1]:.3f} -> {after[1]:.3f}"
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupted_after(calls):
+    """Shapes-world data that dies at its `calls`-th batch, as a killed job would."""
+    count = [0]
+
+    def data(batch_size, generator):
+        count[0] += 1
+        if count[0] == calls:
+            raise Interrupted
+        return shapes.training_batch(batch_size, generator)
+    return data
+
+
+def _weights(state):
+    nets = {f"{c}.{k}": v for c, m in state.pipe.networks().items() for k, v in m.state_dict().items()}
+    return nets | {f"ema.{k}": v for k, v in state.ema.shadow.items()}
+
+
+def test_resumed_training_continues_exactly(tmp_path):
+    # Batches: autoencoder steps 0-3, one to measure the scale factor, diffusion steps 4, 5, 6…
+    # Dying at the 8th (step 6) leaves the checkpoint written every 2 steps, after 6 steps.
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(Interrupted):
+        train.train(MICRO, FEW_STEPS, _interrupted_after(8), path, progress=False)
+    assert train.load_training_checkpoint(path).step == 6
+    resumed = train.train(MICRO, FEW_STEPS, shapes.training_batch, path, progress=False)
+    straight = train.train(MICRO, FEW_STEPS, shapes.training_batch, tmp_path / "b.ckpt",
+                           progress=False)
+    assert resumed.step == straight.step == 8
+    a, b = _weights(resumed), _weights(straight)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_training_checkpoint_loads_with_its_ema(tmp_path):
+    path = tmp_path / "run.ckpt"
+    state = train.train(MICRO, FEW_STEPS, shapes.training_batch, path, progress=False)
+    names = checkpoint.open_checkpoint(path).shapes
+    for name in state.pipe.unet.state_dict():  # every U-Net tensor twice: raw and EMA
+        original = checkpoint.PREFIXES["unet"] + name
+        assert original in names and checkpoint.ema_name(original) in names
+    ema, raw = load(path), load(path, use_ema=False)
+    assert ema.config == raw.config == state.pipe.config
+    assert ema.scale_factor == state.pipe.scale_factor != 1.0  # measured after stage 1
+    differs = 0
+    for name, value in state.pipe.unet.state_dict().items():
+        assert torch.equal(raw.unet.state_dict()[name], value)
+        assert torch.equal(ema.unet.state_dict()[name], state.ema.shadow[name])
+        differs += not torch.equal(value, state.ema.shadow[name])
+    assert differs > 0, "the EMA should lag the trained weights"
+    for part in ("vae", "text_encoder"):
+        for name, value in getattr(state.pipe, part).state_dict().items():
+            assert torch.equal(getattr(ema, part).state_dict()[name], value)
+    restored = train.load_training_checkpoint(path)
+    assert restored.step == 8 and restored.ema.num_updates == 4
+    assert restored.optimizer_stage == "diffusion" and restored.optimizer_state["state"]
+
+
+def test_export_is_ema_only_in_half_precision(tmp_path):
+    state = train.train(MICRO, FEW_STEPS, shapes.training_batch, progress=False)
+    path = tmp_path / "model.safetensors"
+    train.export(state, path)
+    names = checkpoint.open_checkpoint(path).shapes
+    assert not any(n.startswith(checkpoint.EMA_PREFIX) for n in names)
+    pipe = load(path)
+    for name, value in pipe.unet.state_dict().items():
+        assert torch.equal(value, state.ema.shadow[name].half().float())
+
+
+def _data_parallel_worker(rank, world, store, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        state = train.train(MICRO, FEW_STEPS, shapes.training_batch, progress=False)
+        torch.save(_weights(state), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_training_matches_one_process(tmp_path):
+    """Two gloo processes, each with half of every batch, end where one process does."""
+    out = tmp_path / "weights"
+    mp.spawn(_data_parallel_worker, args=(2, tmp_path / "store", out), nprocs=2)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    single = _weights(train.train(MICRO, FEW_STEPS, shapes.training_batch, progress=False))
+    for name, value in single.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks disagree on {name}"
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# One prompt of each family, two of them held out of training. At the default settings
+# (25 DDPM steps, guidance 3) the shipped model gets about 93 % of held-out prompts right
+# (weights/README.md), so a few of these 16 images may miss; most must not.
+SHIPPED_CASES = ["a black square", "a blue square on a yellow background",
+                 "a yellow circle in the top left", "a green triangle in the bottom right"]
+
+
+@pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="the shipped model is not built yet")
+def test_shipped_model_draws_what_it_is_told():
+    pipe = load()
+    assert pipe.config.image_size == 64 and pipe.config.sampling.sampler == "ddpm"
+    images = pipe.txt2img(SHIPPED_CASES, num_images=4, seed=0, output_type="tensor",
+                          progress=False)
+    assert images.shape == (16, 3, 64, 64)
+    prompts = [p for p in SHIPPED_CASES for _ in range(4)]  # txt2img's order: prompt-major
+    right = [accepts(image, p) for p, image in zip(prompts, images)]
+    assert sum(right) >= 12, dict(zip(prompts, right))  # 14-16 over seeds 0-7
