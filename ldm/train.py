@@ -404,7 +404,9 @@ class Progress:
 
 
 def _parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m ldm.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ldm.train", description="Train a latent "
+                                "diffusion model from scratch: the autoencoder, then the U-Net "
+                                "with its text encoder.")
     p.add_argument("--preset", default="tiny-shapes", choices=sorted(RECIPES))
     p.add_argument("--out", required=True, help="inference weights (.safetensors), written at the end")
     p.add_argument("--checkpoint", help="training checkpoint (.ckpt) to write and resume from; "
