@@ -29,13 +29,15 @@ Axis letters: R rows (batch · tokens), I inner width (4 · model width in SD).
 from __future__ import annotations  # `tl.constexpr` stays a string until Triton reads it
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from ldm.kernels.group_norm import kernel_backend
+from ldm.kernels.lazy_triton import jit_on_first_use
 
-triton = tl = None  # imported by _load_kernel() on first use; the kernel finds `tl` here
+triton = tl = None  # set by jit_on_first_use() on first use; the kernel finds `tl` here
 
 
 def geglu(h, *, backend=None):
@@ -70,21 +72,10 @@ def _geglu_fwd(H, Out, stride_h, stride_out, inner, BLOCK: tl.constexpr):
     tl.store(Out + row * stride_out + cols, out.to(Out.dtype.element_ty), mask=ok)
 
 
-_kernel = None  # the jitted _geglu_fwd, once Triton is loaded
-
-
+@functools.cache
 def _load_kernel():
-    """Import Triton (it reads TRITON_INTERPRET now) and jit the kernel, on first use only."""
-    global triton, tl, _kernel
-    if _kernel is None:
-        try:
-            import triton
-            import triton.language as tl
-        except ImportError as e:
-            raise RuntimeError("the Triton backend needs Triton (pip install triton), or use "
-                               "backend='torch'") from e
-        _kernel = triton.jit(_geglu_fwd)
-    return _kernel
+    """The jitted _geglu_fwd, made on first use."""
+    return jit_on_first_use(_geglu_fwd)
 
 
 def _geglu_triton(h):

@@ -38,13 +38,16 @@ Axis letters: B batch, C channels, G groups, S spatial positions (h·w).
 from __future__ import annotations  # `tl.constexpr` stays a string until Triton reads it
 
 import contextlib
+import functools
 import os
 
 import torch
 import torch.nn.functional as F
 
+from ldm.kernels.lazy_triton import jit_on_first_use
+
 BACKENDS = ("triton", "torch")
-triton = tl = None  # imported by _load_kernel() on first use; the kernel finds `tl` here
+triton = tl = None  # set by jit_on_first_use() on first use; the kernel finds `tl` here
 
 
 def group_norm_silu(x, norm, *, silu=True, backend=None):
@@ -115,21 +118,10 @@ def _group_norm_silu_fwd(X, W, Bias, Y, S, group_channels, group_size, G, eps,
         tl.store(Y + start + offs, y.to(Y.dtype.element_ty), mask=ok)
 
 
-_kernel = None  # the jitted _group_norm_silu_fwd, once Triton is loaded
-
-
+@functools.cache
 def _load_kernel():
-    """Import Triton (it reads TRITON_INTERPRET now) and jit the kernel, on first use only."""
-    global triton, tl, _kernel
-    if _kernel is None:
-        try:
-            import triton
-            import triton.language as tl
-        except ImportError as e:
-            raise RuntimeError("the Triton backend needs Triton (pip install triton), or use "
-                               "backend='torch'") from e
-        _kernel = triton.jit(_group_norm_silu_fwd)
-    return _kernel
+    """The jitted _group_norm_silu_fwd, made on first use."""
+    return jit_on_first_use(_group_norm_silu_fwd)
 
 
 def _group_norm_silu_triton(x, num_groups, weight, bias, eps, silu):
