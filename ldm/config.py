@@ -57,8 +57,24 @@ def _build(config_cls, values):
     return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+# The shipped model (weights/tiny-shapes.safetensors): the SD architecture at toy size, a KL-f4
+# autoencoder (64×64 images <-> 4×16×16 latents) and a CLIP text encoder learned from scratch
+# with the real tokenizer. The text width is small because its 49408-row token embedding is
+# most of the file. scale_factor is measured after the autoencoder is trained (1 / latent std);
+# the sampling defaults are those the model card measures.
+TINY_SHAPES = ModelConfig(
+    unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                    attention_levels=(1, 2), num_heads=2, context_dim=64, norm_groups=8),
+    vae=VAEConfig(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8),
+    text=CLIPTextConfig(width=64, layers=2, heads=2),
+    scale_factor=1.0,
+    image_size=64,
+    sampling=SamplingDefaults(steps=25, sampler="ddpm", cfg_scale=3.0),
+)
+
 PRESETS = {
     "sd15": ModelConfig(),  # also SD 1.4, 1.2, 1.1: the same network
     "sd15-inpainting": ModelConfig(unet=UNET_SD15_INPAINTING),
     "tiny": ModelConfig(unet=UNET_TINY, vae=VAE_TINY, text=CLIP_TINY),
+    "tiny-shapes": TINY_SHAPES,
 }

@@ -25,10 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ldm.config import ModelConfig, SamplingDefaults
-from ldm.models.clip_text import CLIPTextConfig
-from ldm.models.unet import UNetConfig
-from ldm.models.vae import VAEConfig
+from ldm.config import PRESETS
 
 IMAGE_SIZE = 64
 # Pure RGB corners of the colour cube, in [0, 1]: any two are at least 1 apart, so a pixel's
@@ -58,20 +55,8 @@ SIZE_RANGE = (0.25, 0.5)   # object size (bounding-box side) as a fraction of th
 MIDDLE_JITTER = 6.0
 POSITION_JITTER = 4.0      # px around the centre of the named part
 
-# The shipped model (weights/tiny-shapes.safetensors): the SD architecture at toy size, a KL-f4
-# autoencoder (64×64 images <-> 4×16×16 latents) and a CLIP text encoder learned from scratch
-# with the real tokenizer. The text width is small because its 49408-row token embedding is
-# most of the file. scale_factor is measured after the autoencoder is trained (1 / latent std);
-# the sampling defaults are those the model card measures.
-TINY_SHAPES_CONFIG = ModelConfig(
-    unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                    attention_levels=(1, 2), num_heads=2, context_dim=64, norm_groups=8),
-    vae=VAEConfig(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8),
-    text=CLIPTextConfig(width=64, layers=2, heads=2),
-    scale_factor=1.0,
-    image_size=IMAGE_SIZE,
-    sampling=SamplingDefaults(steps=25, sampler="ddpm", cfg_scale=3.0),
-)
+# The architecture of the shipped model, trained on this data (a preset of ldm.config).
+TINY_SHAPES_CONFIG = PRESETS["tiny-shapes"]
 
 
 @dataclass(frozen=True)
