@@ -50,8 +50,13 @@ def random_activations(shape, dtype, seed, offset=3.0):
     return (shift + torch.randn(shape, generator=g, dtype=torch.float64)).to(DEVICE, dtype)
 
 
-def check_group_norm(x, norm, silu=True):
-    out = group_norm_silu(x, norm, silu=silu, backend="triton")
+def check_group_norm(x, norm, silu=True, split=None):
+    """`split` forces the chunks per group; None lets the launcher choose, as in the models."""
+    if split is None:
+        out = group_norm_silu(x, norm, silu=silu, backend="triton")
+    else:
+        out = group_norm_module._group_norm_silu_triton(x, norm.num_groups, norm.weight,
+                                                        norm.bias, norm.eps, silu, split=split)
     ref = group_norm_silu_reference(x.double(), norm.num_groups, norm.weight, norm.bias,
                                     norm.eps, silu=silu)
     assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
@@ -94,6 +99,43 @@ def test_group_norm_statistics_survive_a_large_mean(dtype):
     torch_err = rel_error(group_norm_silu(x, norm, backend="torch"), ref)
     err = rel_error(group_norm_silu(x, norm, backend="triton"), ref)
     assert err <= max(2 * torch_err, TOL[dtype]), f"{err:.2e} (torch: {torch_err:.2e})"
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 16])
+def test_group_norm_statistics_split_over_programs(split):
+    """Groups of 16 blocks cut into `split` chunks whose partial statistics are merged; with
+    31·37 positions × C/G 5 the last chunk is ragged unless split is 1."""
+    x = random_activations((2, 40, 31 * 37 * 4, 4), torch.float32, seed=int(torch.randint(99, ())))
+    check_group_norm(x, random_norm(8, 40), split=split)
+
+
+def test_split_statistics_survive_a_large_mean():
+    """Chunks with means ~300 apart are merged through Σ n_j (m_j − μ)², not E[x²] − E[x]²."""
+    x = random_activations((1, 16, 128, 128), torch.float32, seed=7, offset=300.0)
+    check_group_norm(x, random_norm(4, 16), split=8)
+
+
+CHANNELS_LAST_CASES = {"C/G 3, 7x9": ((2, 96, 7, 9), 32, None),
+                       "C/G 5, 45x47, split in 3": ((2, 40, 45, 47), 8, 3),
+                       "C/G 10, 1x13": ((1, 320, 1, 13), 32, None)}
+
+
+@DTYPES
+@pytest.mark.parametrize("case", CHANNELS_LAST_CASES.values(), ids=CHANNELS_LAST_CASES.keys())
+def test_group_norm_reads_and_writes_channels_last(case, dtype):
+    """A group is then S runs of C/G values, C apart; y keeps the layout (no copy either way)."""
+    shape, groups, split = case
+    x = random_activations(shape, dtype, seed=int(torch.randint(1 << 20, ())))
+    x = x.to(memory_format=torch.channels_last)
+    check_group_norm(x, random_norm(groups, shape[1]), split=split)
+    y = group_norm_silu(x, random_norm(groups, shape[1]), backend="triton")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_group_norm_copies_other_layouts():
+    """A transposed (non-dense) view is made contiguous first, and still right."""
+    x = random_activations((2, 32, 12, 10), torch.float32, seed=8).transpose(2, 3)
+    check_group_norm(x, random_norm(8, 32))
 
 
 GEGLU_CASES = {"(B, N, 2·40)": (2, 7, 80), "inner 1300: a block and a tail": (3, 2600),
@@ -159,14 +201,19 @@ def test_rejects_bad_inputs():
         geglu(torch.randn(2, 8, device=DEVICE).double(), backend="triton")
 
 
-def run_models(seed):
-    """A tiny U-Net's ε and a tiny VAE's reconstruction, on fixed random weights and inputs."""
+def run_models(seed, memory_format=torch.contiguous_format, on_conv_input=None):
+    """A tiny U-Net's ε and a tiny VAE's reconstruction, on fixed random weights and inputs;
+    `on_conv_input(conv, x)` sees the input of every convolution."""
     g = torch.Generator().manual_seed(seed)
-    unet = randomize_(UNet(UNET_TINY), seed).eval().to(DEVICE)
-    vae = randomize_(AutoencoderKL(VAE_TINY), seed + 1).eval().to(DEVICE)
+    unet = randomize_(UNet(UNET_TINY), seed).eval().to(DEVICE, memory_format=memory_format)
+    vae = randomize_(AutoencoderKL(VAE_TINY), seed + 1).eval().to(DEVICE,
+                                                                   memory_format=memory_format)
     x = torch.randn(2, 4, 8, 8, generator=g).to(DEVICE)
     context = torch.randn(2, 5, UNET_TINY.context_dim, generator=g).to(DEVICE)
     images = (torch.rand(1, 3, 16, 16, generator=g) * 2 - 1).to(DEVICE)
+    for conv in [m for m in [*unet.modules(), *vae.modules()] if isinstance(m, nn.Conv2d)]:
+        if on_conv_input is not None:
+            conv.register_forward_pre_hook(lambda conv, inputs: on_conv_input(conv, inputs[0]))
     with torch.no_grad():
         return (unet(x, torch.tensor([10, 900], device=DEVICE), context),
                 vae.decode(vae.encode(images).mean))
@@ -181,6 +228,27 @@ def test_models_agree_on_the_triton_path(monkeypatch):
     monkeypatch.setenv("LDM_KERNELS", "triton")
     for ours, ref in zip(run_models(seed), torch_outputs):
         assert rel_error(ours, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_models_run_channels_last(monkeypatch, kernels):
+    """model.to(memory_format=torch.channels_last), as cuDNN prefers on GPUs: the same numbers,
+    and every convolution after the first of each network is fed channels_last activations
+    (none of our layers converts back to contiguous)."""
+    seed = int(torch.randint(1 << 20, ()))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setenv("LDM_KERNELS", kernels)
+    contiguous = run_models(seed)
+    layouts = []
+
+    def record(conv, x):
+        if x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1:  # else both layouts are the same
+            layouts.append(x.stride(1) == 1)  # channels innermost (a chunk's view counts)
+
+    for ours, ref in zip(run_models(seed, torch.channels_last, record), contiguous):
+        assert rel_error(ours, ref) <= 1e-5
+    # The two networks' first convolutions read the caller's contiguous x and images.
+    assert layouts.count(False) == 2 and len(layouts) > 20, layouts
 
 
 def test_cpu_without_interpreter_raises_clearly():
@@ -206,11 +274,13 @@ SD_GEGLUS = {"64x64, inner 1280": (2, 4096, 2560), "16x16, inner 5120": (2, 256,
 
 
 @needs_cuda
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("case", SD_NORMS.values(), ids=SD_NORMS.keys())
-def test_group_norm_sd_shapes_on_gpu(case):
+def test_group_norm_sd_shapes_on_gpu(case, layout):
     shape, eps = case
-    check_group_norm(random_activations(shape, torch.float16, seed=3),
-                     random_norm(32, shape[1], eps=eps))
+    x = random_activations(shape, torch.float16, seed=3).to(memory_format=layout)
+    check_group_norm(x, random_norm(32, shape[1], eps=eps))
 
 
 @needs_cuda

@@ -9,29 +9,32 @@ output has x's dtype, rounded once (the original also rounded between norm and S
 outputs may differ from it by one ulp). The kernel is chosen at call time:
 
     backend   runs                                                      default
-    "triton"  the fused kernel below: x read twice, y written once      —  (see below)
+    "triton"  the two kernels below: x read twice, y written once       —  (see below)
     "torch"   F.group_norm on x.float(), F.silu, cast back (reference)  everywhere
 
 The `backend` argument, else the LDM_KERNELS environment variable, picks one. The Triton path
 matches float64 under the interpreter and on an H100 (SD shapes in float16; whole under
-torch.compile and CUDA graphs), where it ran 3.4x faster than the torch path (18 µs against
-61 µs at (2, 320, 64, 64)); making it the CUDA default is the next step. Triton is imported on
-its first use, not with ldm.
+torch.compile and CUDA graphs); its first version, one program per group, ran 3.4x faster
+than the torch path there (18 µs against 61 µs at (2, 320, 64, 64)). Triton is imported on its
+first use, not with ldm.
 
-Kernel: one program per (batch, group). For a contiguous x (B, C, S) that group is one
-contiguous run of n = C/G · S values (4·262144 in the VAE decoder at 512²), so the
-program walks it in blocks of BLOCK:
-    pass 1, statistics: each block's count n_b, mean m_b and M2_b = Σ(x − m_b)² (two passes
-    over the block, in registers) are merged into the running (n, mean, M2) (Chan et al. 1979):
-        δ = m_b − mean,  n' = n + n_b,  mean += δ·n_b/n',  M2 += M2_b + δ²·n·n_b/n'
-    which never forms E[x²] − E[x]², so activations with a large mean keep their variance;
-    pass 2, normalise: reread the block, y = (x − μ)·rstd·γ_c + β_c, y·sigmoid(y), store.
+Kernels. One program per (batch, group) leaves most of a GPU idle (SD: B·32 = 64 programs on
+an H100's 132 SMs), so each group of n = C/G · S values is cut into `split` chunks, and the
+work is two launches of B·G·split programs:
+    1. statistics: program (bg, j) reads chunk j and writes its count, mean and
+       M2 = Σ(x − mean)², built block by block with Chan et al.'s (1979) pairwise merge
+           δ = m_b − mean,  n' = n + n_b,  mean += δ·n_b/n',  M2 += M2_b + δ²·n·n_b/n'
+       which never forms E[x²] − E[x]², so activations with a large mean keep their variance;
+    2. normalise: program (bg, j) merges the group's `split` partials the same way, all at once
+           μ = Σ n_j m_j / n,  M2 = Σ M2_j + Σ n_j (m_j − μ)²
+       then rereads chunk j: y = (x − μ)·rstd·γ_c + β_c, y·sigmoid(y), stored in y's dtype.
+
+Layouts, without copies: contiguous (B, C, *spatial), where a group is one run of n values, and
+channels_last (B, C, H, W), where it is S runs of C/G values, C apart. A chunk walks the group
+in memory order in both; other layouts are copied to contiguous first. y takes x's layout.
 
 Shapes: x (B, C, *spatial), any number of spatial axes (none too); C divisible by G. Dtypes:
-float16, bfloat16, float32. Caveats: x is made contiguous first (channels_last is copied);
-forward only; B·G programs, so SD's B·32 = 64 leave half of an H100's 132 SMs idle: it
-streams ~600-850 GB/s of 3 TB/s. Splitting each group's statistics over several programs
-(a partial-statistics pass, then a wide normalising pass) would be the next speed-up.
+float16, bfloat16, float32. Forward only.
 
 Axis letters: B batch, C channels, G groups, S spatial positions (h·w).
 """
@@ -47,7 +50,7 @@ import torch.nn.functional as F
 from ldm.kernels.lazy_triton import jit_on_first_use
 
 BACKENDS = ("triton", "torch")
-triton = tl = None  # set by jit_on_first_use() on first use; the kernel finds `tl` here
+triton = tl = None  # set by jit_on_first_use() on first use; the kernels find `tl` here
 
 
 def group_norm_silu(x, norm, *, silu=True, backend=None):
@@ -79,23 +82,28 @@ def group_norm_silu_reference(x, num_groups, weight=None, bias=None, eps=1e-5, *
     return F.silu(y) if silu else y
 
 
-def _group_norm_silu_fwd(X, W, Bias, Y, S, group_channels, group_size, G, eps,
-                         SILU: tl.constexpr, BLOCK: tl.constexpr):
-    # -- which group: program b·G + g owns x[b, g·C/G : (g+1)·C/G, :], group_size values in a row
-    pid = tl.program_id(0)
-    first_channel = (pid % G) * group_channels
-    X += pid.to(tl.int64) * group_size  # int64: B·C·S can pass 2^31 (the VAE at 1024²)
-    Y += pid.to(tl.int64) * group_size
+def _group_stats(X, Stats, S, group_channels, group_size, chunk, G, stride_b, stride_c, stride_s,
+                 CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    # -- program (b·G + g, j) owns values [j·chunk, (j+1)·chunk) of group g of sample b
+    bg, j = tl.program_id(0), tl.program_id(1)
+    first_channel = (bg % G) * group_channels  # int64: B·C·S can pass 2^31 (the VAE at 1024²)
+    X += (bg // G).to(tl.int64) * stride_b + first_channel.to(tl.int64) * stride_c
     offs = tl.arange(0, BLOCK)
 
-    # -- pass 1: running count, mean and M2 = Σ(x − mean)², merged block by block (Chan et al.)
+    # -- running count, mean and M2 = Σ(x − mean)², merged block by block (Chan et al.)
     n = tl.zeros((), dtype=tl.float32)
     mean = tl.zeros((), dtype=tl.float32)
     m2 = tl.zeros((), dtype=tl.float32)
-    for start in range(0, group_size, BLOCK):
-        ok = start + offs < group_size
-        x = tl.load(X + start + offs, mask=ok, other=0.0).to(tl.float32)
-        n_b = tl.minimum(group_size - start, BLOCK).to(tl.float32)
+    end = tl.minimum(group_size, (j + 1) * chunk)
+    for start in range(j * chunk, end, BLOCK):
+        i = start + offs
+        ok = i < end
+        if CHANNELS_LAST:  # S runs of C/G channels, stride_s apart
+            address = (i // group_channels) * stride_s + i % group_channels
+        else:  # one run
+            address = i
+        x = tl.load(X + address, mask=ok, other=0.0).to(tl.float32)
+        n_b = tl.minimum(end - start, BLOCK).to(tl.float32)
         mean_b = tl.sum(x, axis=0) / n_b
         m2_b = tl.sum(tl.where(ok, (x - mean_b) * (x - mean_b), 0.0), axis=0)
         delta = mean_b - mean
@@ -103,49 +111,111 @@ def _group_norm_silu_fwd(X, W, Bias, Y, S, group_channels, group_size, G, eps,
         mean += delta * (n_b / n_new)
         m2 += m2_b + delta * delta * (n * (n_b / n_new))
         n = n_new
+
+    # -- this chunk's (count, mean, M2), for the normalising kernel to merge
+    Stats += (bg * tl.num_programs(1) + j) * 3
+    tl.store(Stats, n)
+    tl.store(Stats + 1, mean)
+    tl.store(Stats + 2, m2)
+
+
+def _group_norm_apply(X, Y, Stats, W, Bias, S, group_channels, group_size, chunk, G, stride_b,
+                      stride_c, stride_s, eps, SILU: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                      BLOCK: tl.constexpr, SPLIT: tl.constexpr):
+    bg, j = tl.program_id(0), tl.program_id(1)
+    split = tl.num_programs(1)
+    first_channel = (bg % G) * group_channels
+    group_start = (bg // G).to(tl.int64) * stride_b + first_channel.to(tl.int64) * stride_c
+    X += group_start
+    Y += group_start  # y has x's strides
+
+    # -- the group's statistics from its `split` partials: μ = Σ n_j m_j / n,
+    #    M2 = Σ M2_j + Σ n_j (m_j − μ)² (every program of the group computes the same)
+    part = tl.arange(0, SPLIT)
+    have = part < split
+    Stats += (bg * split + part) * 3
+    n_j = tl.load(Stats, mask=have, other=0.0)
+    mean_j = tl.load(Stats + 1, mask=have, other=0.0)
+    mean = tl.sum(n_j * mean_j, axis=0) / group_size
+    m2 = tl.sum(tl.load(Stats + 2, mask=have, other=0.0), axis=0) + \
+        tl.sum(n_j * (mean_j - mean) * (mean_j - mean), axis=0)
     rstd = tl.math.rsqrt(m2 / group_size + eps)  # biased variance, as GroupNorm
 
-    # -- pass 2: normalise, per-channel affine, SiLU, store in y's dtype
-    for start in range(0, group_size, BLOCK):
-        ok = start + offs < group_size
-        x = tl.load(X + start + offs, mask=ok, other=0.0).to(tl.float32)
-        channel = first_channel + (start + offs) // S
-        w = tl.load(W + channel, mask=ok, other=0.0).to(tl.float32)
-        b = tl.load(Bias + channel, mask=ok, other=0.0).to(tl.float32)
+    # -- normalise chunk j: per-channel affine, SiLU, store in y's dtype
+    offs = tl.arange(0, BLOCK)
+    end = tl.minimum(group_size, (j + 1) * chunk)
+    for start in range(j * chunk, end, BLOCK):
+        i = start + offs
+        ok = i < end
+        if CHANNELS_LAST:
+            channel = i % group_channels
+            address = (i // group_channels) * stride_s + channel
+        else:
+            channel = i // S
+            address = i
+        x = tl.load(X + address, mask=ok, other=0.0).to(tl.float32)
+        w = tl.load(W + first_channel + channel, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(Bias + first_channel + channel, mask=ok, other=0.0).to(tl.float32)
         y = (x - mean) * rstd * w + b
         if SILU:
             y = y * tl.sigmoid(y)
-        tl.store(Y + start + offs, y.to(Y.dtype.element_ty), mask=ok)
+        tl.store(Y + address, y.to(Y.dtype.element_ty), mask=ok)
 
 
 @functools.cache
-def _load_kernel():
-    """The jitted _group_norm_silu_fwd, made on first use."""
-    return jit_on_first_use(_group_norm_silu_fwd)
+def _load_kernels():
+    """The jitted (_group_stats, _group_norm_apply), made on first use."""
+    return jit_on_first_use(_group_stats), jit_on_first_use(_group_norm_apply)
 
 
-def _group_norm_silu_triton(x, num_groups, weight, bias, eps, silu):
-    kernel = _load_kernel()
+def _group_norm_silu_triton(x, num_groups, weight, bias, eps, silu, split=None):
+    """The two launches. `split`: chunks per group (default: enough programs for the GPU)."""
+    stats_kernel, apply_kernel = _load_kernels()
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the Triton group norm takes float16, bfloat16 or float32, got {x.dtype}")
-    if not x.is_cuda and type(kernel).__name__ != "InterpretedFunction":
+    if not x.is_cuda and type(stats_kernel).__name__ != "InterpretedFunction":
         raise RuntimeError(f"the Triton group norm got a tensor on {x.device}: it runs on a CUDA "
                            "GPU, or on the CPU only under TRITON_INTERPRET=1 (set before Triton "
                            "is first imported)")
-    x = x.contiguous()
+    channels_last = _is_channels_last(x)
+    if not channels_last:
+        x = x.contiguous()
     B, C = x.shape[:2]
     S = x[0, 0].numel()  # spatial positions (1 for a (B, C) input)
     weight = x.new_ones(C) if weight is None else weight
     bias = x.new_zeros(C) if bias is None else bias
-    y = torch.empty_like(x)
-    group_size = C // num_groups * S
+    y = torch.empty_like(x)  # keeps x's layout
     if y.numel() == 0:
         return y
-    # Measured on an H100 (fp16, SD shapes): 8192 values and 16 warps a block beat smaller
-    # blocks by up to 2x, since each program streams a whole group alone.
-    block = min(8192, triton.next_power_of_2(group_size))
+    group_channels = C // num_groups
+    group_size = group_channels * S
+    block = min(4096, triton.next_power_of_2(group_size))
+    split = split or _default_split(x, B * num_groups, group_size, block)
+    chunk = triton.cdiv(triton.cdiv(group_size, split), block) * block  # whole blocks
+    split = triton.cdiv(group_size, chunk)  # so that no chunk is empty
+    stats = torch.empty(B * num_groups, split, 3, device=x.device, dtype=torch.float32)
+    # Element strides of a sample, a channel and a spatial position.
+    strides = (C * S, 1, C) if channels_last else (C * S, S, 1)
+    shape = (S, group_channels, group_size, chunk, num_groups, *strides)
+    grid = (B * num_groups, split)
+    warps = max(4, min(16, block // 512))
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        kernel[(B * num_groups,)](x, weight, bias, y, S, C // num_groups, group_size,
-                                  num_groups, eps, SILU=silu, BLOCK=block,
-                                  num_warps=max(4, min(16, block // 512)))
+        stats_kernel[grid](x, stats, *shape, CHANNELS_LAST=channels_last, BLOCK=block,
+                           num_warps=warps)
+        apply_kernel[grid](x, y, stats, weight, bias, *shape, eps, SILU=silu,
+                           CHANNELS_LAST=channels_last, BLOCK=block,
+                           SPLIT=triton.next_power_of_2(split), num_warps=warps)
     return y
+
+
+def _is_channels_last(x):
+    """A (B, C, H, W) tensor laid out channels_last, and not also plainly contiguous."""
+    return (x.ndim == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _default_split(x, groups, group_size, block):
+    """Chunks per group: about four programs per SM in all, each at least one block long."""
+    programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count \
+        if x.is_cuda else 8
+    return max(1, min(triton.cdiv(group_size, block), triton.cdiv(programs, groups)))
