@@ -15,9 +15,11 @@ reports medians over --repeats of
                reset once the weights are in (the loaders differ; generation is compared)
 and the mean absolute pixel difference from diffusers' image, in /255: fast and wrong is worthless.
 
-Defaults: on CUDA 512x512, 50 steps, fp16, 10 repeats, and two more rows of ours with its
-Triton kernels (opt-in): LDM_ATTENTION=triton (attention) and LDM_KERNELS=triton (GroupNorm+SiLU,
-GEGLU); on CPU 256x256, 4 steps, fp32, 3 repeats.
+Defaults: on CUDA 512x512, 50 steps, fp16, 10 repeats, and more rows of ours with its opt-in
+speed-ups: the U-Net replayed from CUDA graphs (pipe.cuda_graphs), that plus channels_last
+networks and the Triton GroupNorm (which reads channels_last in place), and its Triton kernels
+alone: LDM_ATTENTION=triton (attention), LDM_KERNELS=triton (GroupNorm+SiLU, GEGLU); on CPU
+256x256, 4 steps, fp32, 3 repeats.
 
     python benchmarks/pipeline.py [--ckpt FILE] [--device cuda|cpu] [--dtype fp16|bf16|fp32]
                                   [--size 512] [--steps 50] [--repeats 10] [--threads N]
@@ -73,6 +75,11 @@ def load_ours(path, folder, args):
     import ldm
 
     pipe = ldm.load(path, device=args.device, dtype=DTYPES[args.dtype])
+    options = getattr(args, "options", {})
+    if options.get("channels_last"):
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    pipe.cuda_graphs = options.get("cuda_graphs", False)
     return lambda latents, output_type: pipe.txt2img(
         PROMPT, steps=args.steps, sampler="ddim", cfg_scale=CFG_SCALE, height=args.size,
         width=args.size, latents=latents, output_type=output_type, progress=False)
@@ -142,10 +149,12 @@ def worker(args):
                       "peak_bytes": peak_memory(device)}))
 
 
-def run_row(pipeline, switches, image, args):
-    """Runs `worker` in a fresh process, with ldm's kernel `switches` and no others set."""
+def run_row(pipeline, switches, options, image, args):
+    """Runs `worker` in a fresh process, with ldm's kernel `switches` and no others set, and the
+    pipeline `options` (cuda_graphs, channels_last)."""
     env = {k: v for k, v in os.environ.items() if k not in SWITCHES} | switches
-    job = dict(vars(args), ckpt=str(args.ckpt), pipeline=pipeline, image=str(image))
+    job = dict(vars(args), ckpt=str(args.ckpt), pipeline=pipeline, image=str(image),
+               options=options)
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:  # one failing row (a kernel, say) should not hide the others
@@ -188,7 +197,7 @@ def print_header(args, ckpt):
 
 
 def print_table(results, images):
-    head = (f"{'pipeline':20} {'s/image':>8} {'(min-max)':>12} {'steps/s':>8} {'peak GiB':>9} "
+    head = (f"{'pipeline':26} {'s/image':>8} {'(min-max)':>12} {'steps/s':>8} {'peak GiB':>9} "
             f"{'time vs diffusers':>18} {'|pixel diff| /255':>18}")
     print(head + "\n" + "-" * len(head))
     if results["diffusers"] is None:
@@ -197,29 +206,32 @@ def print_table(results, images):
     reference = np.load(images["diffusers"]).astype(np.float64)
     for label, r in results.items():
         if r is None:
-            print(f"{label:20} {'failed':>8}")
+            print(f"{label:26} {'failed':>8}")
             continue
         difference = np.abs(np.load(images[label]).astype(np.float64) - reference).mean()
         spread = "{:.2f}-{:.2f}".format(*r["range"])
-        print(f"{label:20} {r['s_per_image']:8.3f} {spread:>12} {r['steps_per_s']:8.2f} "
+        print(f"{label:26} {r['s_per_image']:8.3f} {spread:>12} {r['steps_per_s']:8.2f} "
               f"{r['peak_bytes'] / 2**30:9.2f} {r['s_per_image'] / base:18.2f} "
               f"{difference:18.4f}")
 
 
 def main(args):
-    rows = [("diffusers", "diffusers", {}), ("ours", "ours", {})]
-    if torch.device(args.device).type == "cuda":  # the Triton kernels, opt-in for now
-        rows += [("ours, attn=triton", "ours", {"LDM_ATTENTION": "triton"}),
-                 ("ours, kernels=triton", "ours", {"LDM_KERNELS": "triton"})]
+    rows = [("diffusers", "diffusers", {}, {}), ("ours", "ours", {}, {})]
+    if torch.device(args.device).type == "cuda":  # the speed-ups, opt-in for now
+        graphs, everything = {"cuda_graphs": True}, {"cuda_graphs": True, "channels_last": True}
+        rows += [("ours, graphs", "ours", {}, graphs),
+                 ("ours, graphs+NHWC+kernels", "ours", {"LDM_KERNELS": "triton"}, everything),
+                 ("ours, attn=triton", "ours", {"LDM_ATTENTION": "triton"}, {}),
+                 ("ours, kernels=triton", "ours", {"LDM_KERNELS": "triton"}, {})]
     with tempfile.TemporaryDirectory() as folder:
         print_header(args, args.ckpt or "random SD 1.5, written to a temporary file")
         if args.ckpt is None:
             args.ckpt = Path(folder) / "sd15-random.safetensors"
             write_checkpoint(args.ckpt)
         results, images = {}, {}
-        for label, pipeline, switches in rows:
+        for label, pipeline, switches, options in rows:
             images[label] = Path(folder) / f"{label.replace(', ', '-')}.npy"
-            results[label] = run_row(pipeline, switches, images[label], args)
+            results[label] = run_row(pipeline, switches, options, images[label], args)
         print_table(results, images)
 
 

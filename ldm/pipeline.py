@@ -8,6 +8,10 @@
     images = pipe.vae.decode(z / pipe.scale_factor)
 
 Device and dtype are decided here, once; the model code never names a device.
+
+On a GPU, `pipe.cuda_graphs = True` replays the U-Net's forward from a CUDA graph at every
+step (ldm/cuda_graph.py), and `pipe.unet.to(memory_format=torch.channels_last)` spares cuDNN
+its layout conversions; both are off by default until a GPU run has measured them.
 """
 import sys
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ from torch import nn
 
 from ldm import samplers, schedule
 from ldm.config import ModelConfig
+from ldm.cuda_graph import CUDAGraphed
 from ldm.images import mask_to_tensor, to_pil, to_tensor
 from ldm.models.clip_text import CLIPTextModel
 from ldm.models.unet import UNet
@@ -29,7 +34,8 @@ class StableDiffusion(nn.Module):
     """Tokenizer, text encoder, U-Net and VAE of one latent diffusion model, plus its constants.
 
     `scale_factor` maps VAE latents to the U-Net's unit-variance latents; `alphas_cumprod`
-    (float64, (1000,)) is the training noise schedule the samplers use.
+    (float64, (1000,)) is the training noise schedule the samplers use. `cuda_graphs`: replay
+    the U-Net from CUDA graphs while sampling on a GPU (see the module docstring).
     """
 
     def __init__(self, config=ModelConfig()):
@@ -44,6 +50,8 @@ class StableDiffusion(nn.Module):
         # there even when the networks are built on the meta device for loading.
         with torch.device("cpu"):
             self.alphas_cumprod = schedule.alphas_cumprod()
+        self.cuda_graphs = False
+        self._unet_graphs = CUDAGraphed(self.unet)
 
     def networks(self):
         """{"unet": …, "vae": …, "text_encoder": …}: the modules whose weights a checkpoint holds."""
@@ -149,7 +157,7 @@ class StableDiffusion(nn.Module):
                         generator)
         if self.unet.config.in_channels == 9:
             masked = self.encode_image(pixels * (1 - repaint), generator)
-            job.eps_model = _with_inpainting_inputs(self.unet, latent_mask, masked)
+            job.eps_model = _with_inpainting_inputs(job.eps_model, latent_mask, masked)
             return self._run(job, x, job.timesteps, generator, callback, progress)
         z0 = self.encode_image(pixels, generator)
         blend = self._latent_blending(z0, latent_mask, job.timesteps, generator)
@@ -176,8 +184,16 @@ class StableDiffusion(nn.Module):
         cond = self.encode_text(prompts).repeat_interleave(num_images, dim=0)
         uncond = self.encode_text(negatives).repeat_interleave(num_images, dim=0)
         return _Job(batch=cond.shape[0], cond=cond, uncond=uncond, cfg_scale=cfg_scale,
-                    sampler=sampler, eta=eta, output_type=output_type, eps_model=self.unet,
-                    timesteps=sampler_timesteps(sampler, steps))
+                    sampler=sampler, eta=eta, output_type=output_type,
+                    eps_model=self._unet_step(), timesteps=sampler_timesteps(sampler, steps))
+
+    def _unet_step(self):
+        """The U-Net as the samplers call it: (x, t, context) -> ε, from CUDA graphs if asked."""
+        if not (self.cuda_graphs and self.device.type == "cuda"):
+            return self.unet
+        if self._unet_graphs.module is not self.unet:  # the U-Net was swapped for another
+            self._unet_graphs = CUDAGraphed(self.unet)
+        return self._unet_graphs
 
     def _require_plain_unet(self, task):
         if self.unet.config.in_channels != self.unet.config.out_channels:

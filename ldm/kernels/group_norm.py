@@ -20,7 +20,7 @@ first use, not with ldm.
 
 Kernels. One program per (batch, group) leaves most of a GPU idle (SD: B·32 = 64 programs on
 an H100's 132 SMs), so each group of n = C/G · S values is cut into `split` chunks, and the
-work is two launches of B·G·split programs:
+work is two launches of B·G·split programs (about 512 in all):
     1. statistics: program (bg, j) reads chunk j and writes its count, mean and
        M2 = Σ(x − mean)², built block by block with Chan et al.'s (1979) pairwise merge
            δ = m_b − mean,  n' = n + n_b,  mean += δ·n_b/n',  M2 += M2_b + δ²·n·n_b/n'
@@ -190,7 +190,7 @@ def _group_norm_silu_triton(x, num_groups, weight, bias, eps, silu, split=None):
     group_channels = C // num_groups
     group_size = group_channels * S
     block = min(4096, triton.next_power_of_2(group_size))
-    split = split or _default_split(x, B * num_groups, group_size, block)
+    split = split or _default_split(B * num_groups, group_size, block)
     chunk = triton.cdiv(triton.cdiv(group_size, split), block) * block  # whole blocks
     split = triton.cdiv(group_size, chunk)  # so that no chunk is empty
     stats = torch.empty(B * num_groups, split, 3, device=x.device, dtype=torch.float32)
@@ -214,8 +214,12 @@ def _is_channels_last(x):
             and x.is_contiguous(memory_format=torch.channels_last))
 
 
-def _default_split(x, groups, group_size, block):
-    """Chunks per group: about four programs per SM in all, each at least one block long."""
-    programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count \
-        if x.is_cuda else 8
-    return max(1, min(triton.cdiv(group_size, block), triton.cdiv(programs, groups)))
+# Programs to aim for: about four per SM of an H100 (132 SMs). A fixed number, not a device
+# query, keeps the launcher free of calls torch.compile cannot trace; on a smaller GPU it only
+# makes the chunks smaller.
+PROGRAMS = 512
+
+
+def _default_split(groups, group_size, block):
+    """Chunks per group: about PROGRAMS programs in all, each chunk at least one block."""
+    return max(1, min(triton.cdiv(group_size, block), triton.cdiv(PROGRAMS, groups)))
