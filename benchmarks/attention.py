@@ -14,8 +14,14 @@ with CUDA events after warm-up, reporting the median of many runs and TFLOP/s co
 shape (flash has no head size 512) shows "n/a". Without a GPU there is nothing to time: the
 script says so and runs a tiny correctness check of the kernel under the Triton interpreter.
 
-    python benchmarks/attention.py [--dtype fp16|bf16] [--runs 100]
+With --sweep, each shape (or those whose name contains --only) is timed instead under every
+tile configuration (BLOCK_M, BLOCK_N, num_warps, num_stages) of a grid, each checked against
+float32 SDPA first; the best few are printed beside the default of `_block_sizes`, to tune
+that table from measurements. Configurations that do not fit the GPU are skipped.
+
+    python benchmarks/attention.py [--dtype fp16|bf16] [--runs 100] [--sweep] [--only SHAPE]
 """
+import itertools
 import argparse
 import os
 import statistics
@@ -119,6 +125,51 @@ def benchmark_gpu(dtype, warmup, runs):
         print("n/a:", failure[:200])
 
 
+def sweep_gpu(dtype, warmup, runs, only):
+    """Time our kernel under each tile configuration; print the best beside the default."""
+    import triton
+
+    from ldm.kernels.flash_attention import _block_sizes, flash_attention
+
+    print(f"device: {torch.cuda.get_device_name()}, dtype: {dtype}, torch {torch.__version__}, "
+          f"triton {triton.__version__}; median of {runs} runs, CUDA events\n")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for name, shape in SHAPES.items():
+        if only and only not in name:
+            continue
+        B, H, N, M, D, causal = shape
+        q, k, v = (torch.randn(B, H, n, D, generator=g, device="cuda", dtype=dtype)
+                   for n in (N, M, M))
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
+        d_pad = max(16, triton.next_power_of_2(D))
+        default = _block_sizes(d_pad)
+        timings, skipped = {}, 0
+        for blocks in tile_grid(d_pad, default):
+            run = lambda: flash_attention(q, k, v, causal=causal, block_sizes=blocks)  # noqa
+            try:
+                if rel_error(run(), ref) > 1e-2:
+                    raise AssertionError("wrong result")
+                timings[blocks] = time_ms(run, warmup, runs)
+            except Exception:  # out of shared memory or registers for this tile
+                skipped += 1
+        best = sorted(timings, key=timings.get)[:5]
+        print(f"{name} (B={B}, H={H}, N={N}, M={M}, D={D}): {len(timings)} tiles timed, "
+              f"{skipped} skipped")
+        for blocks in [default] + [b for b in best if b != default]:
+            label = "default" if blocks == default else "       "
+            ms = timings.get(blocks, float("nan"))
+            print(f"  {label} BLOCK_M {blocks[0]:3d} BLOCK_N {blocks[1]:3d} warps {blocks[2]} "
+                  f"stages {blocks[3]}: {ms:8.4f} ms {flops(*shape) / ms / 1e9:7.1f} TFLOP/s")
+        print(flush=True)
+
+
+def tile_grid(d_pad, default):
+    """The default tiles and a grid around them, up to twice the default's register budget."""
+    grid = itertools.product((32, 64, 128, 256), (16, 32, 64, 128), (4, 8), (2, 3, 4))
+    fits = [(m, n, w, st) for m, n, w, st in grid if m * d_pad <= 32768 and n * d_pad <= 16384]
+    return [default] + [b for b in fits if b != default]
+
+
 def sanity_check_cpu():
     """No GPU: check a few tiny shapes under the Triton interpreter, against SDPA's math."""
     print("No CUDA GPU: timings need one. Running a tiny correctness check under the Triton "
@@ -147,9 +198,14 @@ def main():
     parser.add_argument("--dtype", choices=DTYPES, default="fp16")
     parser.add_argument("--warmup", type=int, default=25)
     parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--sweep", action="store_true", help="time a grid of tile sizes")
+    parser.add_argument("--only", help="with --sweep: shapes whose name contains this")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sanity_check_cpu()
+        return
+    if args.sweep:
+        sweep_gpu(DTYPES[args.dtype], args.warmup, args.runs, args.only)
         return
     benchmark_gpu(DTYPES[args.dtype], args.warmup, args.runs)
 

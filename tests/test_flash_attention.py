@@ -134,6 +134,18 @@ def test_block_sizes_fit_every_sd_head_size():
         assert block_m * d_pad <= 16384 and block_n * d_pad <= 8192
 
 
+@pytest.mark.parametrize("blocks", [(16, 16, 4, 1), (32, 64, 4, 2), (64, 16, 8, 3)],
+                         ids=["16x16", "32x64", "64x16"])
+def test_other_block_sizes_give_the_same_result(blocks):
+    """The sweep of benchmarks/attention.py may pick any tiles: each must stay exact, with query
+    and key tails in different places (37 queries, 77 keys)."""
+    q, k, v = random_qkv(2, 2, 37, 77, 40, torch.float32, seed=int(torch.randint(99, ())))
+    out = flash_attention(q, k, v, block_sizes=blocks)
+    assert rel_error(out, attention_reference(q.double(), k.double(), v.double())) <= 1e-5
+    with pytest.raises(ValueError, match="powers of two"):
+        flash_attention(q, k, v, block_sizes=(48, 16, 4, 1))
+
+
 def test_rejects_bad_inputs():
     q, k, v = random_qkv(1, 2, 8, 6, 16, torch.float32, seed=4)
     with pytest.raises(ValueError, match="causal"):

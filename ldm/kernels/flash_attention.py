@@ -158,12 +158,14 @@ def _block_sizes(d_pad):
     return block_m, block_n, num_warps, num_stages
 
 
-def flash_attention(q, k, v, *, causal=False, scale=None):
+def flash_attention(q, k, v, *, causal=False, scale=None, block_sizes=None):
     """softmax(q kᵀ · scale) v per batch and head, by the fused Triton kernel above.
 
     q: (B, H, N, D); k, v: (B, H, M, D) -> (B, H, N, D) in q's dtype. `scale` defaults to
     1/sqrt(D). `causal` masks key j > query i and needs N == M. Always runs the Triton kernel:
     on a GPU, or on the CPU under TRITON_INTERPRET=1 (set before Triton is imported).
+    `block_sizes`: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of `_block_sizes`' choice,
+    for tuning (benchmarks/attention.py --sweep); the blocks must be powers of two ≥ 16.
     """
     _check_inputs(q, k, v, causal)
     _check_runnable(q)
@@ -174,7 +176,9 @@ def flash_attention(q, k, v, *, causal=False, scale=None):
         return out
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     d_pad = max(16, triton.next_power_of_2(D))
-    block_m, block_n, num_warps, num_stages = _block_sizes(d_pad)
+    block_m, block_n, num_warps, num_stages = block_sizes or _block_sizes(d_pad)
+    if any(b < 16 or b & (b - 1) for b in (block_m, block_n)):  # tl.dot and tl.arange need it
+        raise ValueError(f"block sizes must be powers of two >= 16, got {block_m}, {block_n}")
     grid = (triton.cdiv(N, block_m), B * H)
     # Launch on q's GPU, not whichever is current.
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
