@@ -64,7 +64,7 @@ def _add_common(sub):
     sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     sub.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                      help="default: float16 on CUDA, float32 on CPU")
-    sub.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    sub.add_argument("--no-progress", action="store_true", help="hide the progress bar (shown on a terminal)")
 
 
 def main(argv=None):
@@ -84,7 +84,7 @@ def main(argv=None):
 def _generate(pipe, args, seed):
     common = dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
                   cfg_scale=args.cfg_scale, seed=seed, num_images=args.num_images, eta=args.eta,
-                  progress=not args.no_progress)
+                  progress=False if args.no_progress else None)
     if args.command == "txt2img":
         return pipe.txt2img(args.prompt, height=args.height, width=args.width, **common)
     image = _open_image(args.image)

@@ -89,7 +89,7 @@ class StableDiffusion(nn.Module):
     @torch.inference_mode()
     def txt2img(self, prompt, negative_prompt="", steps=None, sampler=None, cfg_scale=None,
                 height=None, width=None, seed=None, latents=None, output_type="pil", *,
-                num_images=1, eta=0.0, generator=None, callback=None, progress=True):
+                num_images=1, eta=0.0, generator=None, callback=None, progress=None):
         """Generate images from text. Returns a list of PIL images ("pil"), the final latents
         (B, 4, h, w) before the VAE ("latent"), or images (B, 3, H, W) in [-1, 1] ("tensor").
 
@@ -98,7 +98,9 @@ class StableDiffusion(nn.Module):
         "ddpm") and cfg_scale default to the model's `config.sampling` (SD: 50, DDIM, 7.5);
         height/width to its native size. `seed` or a CPU `generator` fixes the noise (drawn on
         the CPU in float32, then moved, so a seed means the same start on any device);
-        `latents` (B, 4, h, w) gives the starting noise explicitly.
+        `latents` (B, 4, h, w) gives the starting noise explicitly. `progress`: show a step
+        counter on stderr (default: when stderr is a terminal); `callback(i, t, x, x0)` runs
+        after every step and may return a replacement x.
         """
         self._require_plain_unet("txt2img")
         job = self._prepare(prompt, negative_prompt, num_images, steps, sampler, cfg_scale,
@@ -112,7 +114,7 @@ class StableDiffusion(nn.Module):
     @torch.inference_mode()
     def img2img(self, image, prompt, strength=0.75, negative_prompt="", steps=None, sampler=None,
                 cfg_scale=None, seed=None, output_type="pil", *, num_images=1, eta=0.0,
-                generator=None, callback=None, progress=True):
+                generator=None, callback=None, progress=None):
         """Re-imagine `image` (PIL, list, or (B, 3, H, W) in [-1, 1]) following `prompt`.
 
         strength in (0, 1]: the share of the `steps` schedule that is re-run; the image is
@@ -134,7 +136,7 @@ class StableDiffusion(nn.Module):
     @torch.inference_mode()
     def inpaint(self, image, mask, prompt, negative_prompt="", steps=None, sampler=None,
                 cfg_scale=None, seed=None, output_type="pil", *, num_images=1, eta=0.0,
-                generator=None, callback=None, progress=True):
+                generator=None, callback=None, progress=None):
         """Repaint the white part of `mask` in `image` following `prompt`.
 
         With an inpainting checkpoint (9 input channels) the U-Net sees the mask and the
@@ -244,6 +246,8 @@ class StableDiffusion(nn.Module):
         if self.device.type != "cpu":
             seed = int(torch.randint(2**62, (), generator=generator))
             generator = torch.Generator(self.device).manual_seed(seed)
+        if progress is None:
+            progress = sys.stderr.isatty()  # no \r-redrawn lines in logs and notebooks
         callback = _chain(callback, _progress_bar(len(timesteps)) if progress else None)
         if job.sampler == "ddim":
             x0 = samplers.sample_ddim(eps_fn, x, timesteps, self.alphas_cumprod, eta=job.eta,

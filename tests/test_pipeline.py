@@ -4,6 +4,8 @@ On the tiny preset with random weights: these check the plumbing (seeds, shapes,
 masks, argument errors, files); the sampler math is checked in test_samplers.py and the model
 math in the parity tests.
 """
+import io
+import sys
 from dataclasses import replace
 
 import pytest
@@ -194,3 +196,17 @@ def test_cli_help_explains_each_command(capsys):
             cli.main([command, "--help"])
         text = capsys.readouterr().out
         assert "--ckpt" in text and "--seed" in text and "--out" in text
+
+
+def test_progress_bar_shows_only_on_a_terminal(pipe, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stderr, shown in [(io.StringIO(), False), (Terminal(), True)]:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        gen(pipe, progress=None, output_type="latent")
+        assert ("sampling 4/4" in stderr.getvalue()) == shown
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    gen(pipe, progress=False, output_type="latent")
+    assert sys.stderr.getvalue() == ""
