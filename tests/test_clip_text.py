@@ -6,6 +6,8 @@ import torch
 
 from ldm.models.clip_text import CLIP_TINY, CLIPTextConfig, CLIPTextModel
 
+from helpers import randomize_
+
 MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "manifests"
 PREFIX = "cond_stage_model.transformer.text_model."
 BOS, EOS = 49406, 49407  # start of text; end of text, which SD's tokenizer also pads with
@@ -28,17 +30,6 @@ def prompt_like_ids(lengths, generator, total=77):
         ids[row, 0] = BOS
         ids[row, 1 : 1 + n] = torch.randint(0, BOS, (n,), generator=generator)
     return ids
-
-
-def randomized(cfg, seed):
-    """Our model with random weights; 1-D tensors moved off their defaults (LayerNorm 1 and 0)."""
-    torch.manual_seed(seed)
-    model = CLIPTextModel(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.5 * torch.randn_like(p))
-    return model
 
 
 def reference_from(model):
@@ -76,7 +67,7 @@ def test_names_and_shapes_match_the_sd15_checkpoint():
 
 
 def check_parity(cfg, seed):
-    model = randomized(cfg, seed)
+    model = randomize_(CLIPTextModel(cfg), seed).eval()
     ref = reference_from(model)
     ids = prompt_like_ids([5, 75, 0], torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
@@ -103,7 +94,7 @@ def test_parity_with_transformers_vit_l():
 
 
 def test_causal_mask_hides_later_tokens():
-    model = randomized(CLIP_TINY, seed=7)
+    model = randomize_(CLIPTextModel(CLIP_TINY), seed=7).eval()
     ids = prompt_like_ids([20], torch.Generator().manual_seed(8))
     changed, j = ids.clone(), 10
     changed[0, j] = (ids[0, j] + 1) % BOS

@@ -11,6 +11,8 @@ from ldm.models.transformer import GroupNorm32, SpatialTransformer
 from ldm.models.unet import (UNET_SD15_INPAINTING, UNET_SD21, UNET_TINY, Downsample, ResBlock,
                              UNet, UNetConfig, Upsample, timestep_embedding)
 
+from helpers import randomize_
+
 MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "manifests"
 PREFIX = "model.diffusion_model."
 
@@ -112,7 +114,7 @@ def test_group_norm_32_computes_in_float32():
     # fp16 activations with a large mean: naive fp16 statistics lose the small deviations
     # (error ~0.1); even torch's fp16 kernel differs from the float32 result by ~2e-4.
     x = (300 + torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))).half()
-    norm = randomize(GroupNorm32(4, 16)).half()
+    norm = randomize_(GroupNorm32(4, 16), seed=0).half()
     out = norm(x)
     assert out.dtype == torch.float16
     expected = torch.nn.functional.group_norm(
@@ -130,7 +132,7 @@ def tiny_inputs(batch=2, config=UNET_TINY, size=8, tokens=5):
 
 def test_tiny_output_shape_and_scalar_t_broadcast():
     torch.manual_seed(0)
-    model = randomize(UNet(UNET_TINY)).eval()
+    model = randomize_(UNet(UNET_TINY), seed=0).eval()
     x, context = tiny_inputs()
     with torch.no_grad():
         per_sample = model(x, torch.tensor([7, 7]), context)
@@ -156,7 +158,7 @@ def test_any_latent_size_matches_diffusers():
     """Images any multiple of 8 px give latents of any size; the decoder's upsampling must land
     on each skip's size (13 → 7 → 4 comes back 4 → 7 → 13), as diffusers does."""
     config = replace(UNET_TINY, channel_mult=(1, 2, 2))
-    model = randomize(UNet(config), seed=3).eval()
+    model = randomize_(UNet(config), seed=3).eval()
     g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
     x = torch.randn(2, config.in_channels, 13, 10, generator=g)
     context = torch.randn(2, 5, config.context_dim, generator=g)
@@ -164,27 +166,6 @@ def test_any_latent_size_matches_diffusers():
 
 
 # --- parity with diffusers' UNet2DConditionModel, through diffusers' own checkpoint converter
-
-
-def randomize(model, seed=0):
-    """Give every parameter a random value, norms and biases included, so that no wrong name
-    mapping hides behind a default init (ones, zeros) or SD's zero-initialised output convs."""
-    g = torch.Generator().manual_seed(seed)
-    done = set()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
-                module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=g))
-            elif isinstance(module, (nn.Linear, nn.Conv2d)):
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(torch.randn(module.weight.shape, generator=g) / fan_in ** 0.5)
-            else:
-                continue
-            if module.bias is not None:
-                module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=g))
-            done.update(id(p) for p in module.parameters(recurse=False))
-    assert done == {id(p) for p in model.parameters()}, "a parameter kind was not randomized"
-    return model
 
 
 def diffusers_config(c):
@@ -239,7 +220,7 @@ def relative_error_vs_diffusers(model, x, context, seed=0):
     replace(UNET_TINY, attention_levels=(0, 1), transformer_depth=2),
 ])
 def test_tiny_matches_diffusers(config):
-    model = randomize(UNet(config)).eval()
+    model = randomize_(UNet(config), seed=0).eval()
     x, context = tiny_inputs(config=config)
     assert relative_error_vs_diffusers(model, x, context) <= 1e-5
 
@@ -248,6 +229,6 @@ def test_tiny_matches_diffusers(config):
 def test_sd15_matches_diffusers():
     with torch.device("meta"):  # skip the init of 860M parameters: randomize overwrites them
         model = UNet(UNetConfig())
-    model = randomize(model.to_empty(device="cpu")).eval()
+    model = randomize_(model.to_empty(device="cpu"), seed=0).eval()
     x, context = tiny_inputs(batch=1, config=model.config, size=32, tokens=77)
     assert relative_error_vs_diffusers(model, x, context) <= 1e-5

@@ -6,6 +6,8 @@ import torch
 
 from ldm.models.vae import VAE_TINY, AutoencoderKL, VAEConfig
 
+from helpers import randomize_
+
 MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "manifests"
 PREFIX = "first_stage_model."
 TOLERANCE = 1e-5
@@ -82,21 +84,6 @@ def test_decode_rejects_wrong_latent_channels():
 
 # ---- parity against diffusers, through diffusers' own original-to-diffusers converter ----
 
-def _randomized_vae(config, seed):
-    """Ours with random weights; norm affines and conv biases moved far from their default
-    init (ones, zeros, tiny uniform), so a swapped or missing mapping changes the output."""
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(config).eval()
-    with torch.no_grad():
-        for module in vae.modules():
-            if isinstance(module, torch.nn.GroupNorm):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0.0, 0.3)
-            elif isinstance(module, torch.nn.Conv2d):
-                module.bias.normal_(0.0, 0.3)
-    return vae
-
-
 def _diffusers_twin(vae):
     """diffusers.AutoencoderKL holding our weights, converted from the original naming."""
     diffusers = pytest.importorskip("diffusers")
@@ -121,7 +108,7 @@ def _rel_err(out, ref):
 
 
 def _check_parity(config, image_size, seed):
-    vae = _randomized_vae(config, seed)
+    vae = randomize_(AutoencoderKL(config), seed).eval()
     reference = _diffusers_twin(vae)
     generator = torch.Generator().manual_seed(seed + 1)
     images = torch.rand(2, 3, image_size, image_size, generator=generator) * 2 - 1
