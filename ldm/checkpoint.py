@@ -219,15 +219,20 @@ def check_schedule(ckpt):
                       f"(relative error {error:.2e}); sampling uses the SD schedule", stacklevel=3)
 
 
-def save_checkpoint(path, models, config_json, *, overwrite=False):
+def save_checkpoint(path, models, config_json, *, overwrite=False, extra_tensors=None,
+                    extra_entries=None):
     """Write `models` in the original layout, with the SD schedule buffers, atomically.
 
     The container follows the suffix (.safetensors or .ckpt). An existing file is kept unless
     `overwrite`; the data goes to a temporary file that is renamed only once complete.
+    `extra_tensors` {original name: tensor} join the state dict (training: model_ema.*);
+    `extra_entries` join the top level of a .ckpt (training: global_step, optimizer_states).
     """
     path = Path(path)
     if path.suffix not in (".safetensors", ".ckpt"):
         raise ValueError(f"path {path} must end in .safetensors or .ckpt")
+    if extra_entries and path.suffix != ".ckpt":
+        raise ValueError(f"extra_entries need a .ckpt file (a pickle), got {path}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     states = {component: module.state_dict() for component, module in models.items()}
@@ -236,12 +241,15 @@ def save_checkpoint(path, models, config_json, *, overwrite=False):
     positions = states["text_encoder"]["embeddings.position_embedding.weight"].shape[0]
     tensors[PREFIXES["text_encoder"] + POSITION_IDS] = torch.arange(positions).unsqueeze(0)
     tensors.update(schedule.checkpoint_buffers())
+    tensors.update({name: t.detach().to("cpu").contiguous()
+                    for name, t in (extra_tensors or {}).items()})
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         if path.suffix == ".safetensors":
             save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_KEY: config_json})
         else:
-            torch.save({"state_dict": tensors, CONFIG_KEY: config_json}, tmp)
+            torch.save({"state_dict": tensors, CONFIG_KEY: config_json, **(extra_entries or {})},
+                       tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

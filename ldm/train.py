@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ldm import checkpoint, schedule
+from ldm import checkpoint
 from ldm.data import shapes
 from ldm.loader import load
 from ldm.pipeline import StableDiffusion
@@ -312,29 +312,17 @@ def save_training_checkpoint(path, state):
     path = Path(path)
     if path.suffix != ".ckpt":
         raise ValueError(f"training checkpoints are .ckpt files (they hold the optimiser), got {path}")
-    networks = state.pipe.networks()
-    rows = checkpoint.name_map(networks)
-    tensors = {original: _plain(networks, ours) for ours, original in rows.items()}
-    for name, value in state.ema.shadow.items():
-        tensors[checkpoint.ema_name(rows["unet." + name])] = value.detach().contiguous().clone()
-    tensors["model_ema.decay"] = torch.tensor(state.ema.decay, dtype=torch.float32)
-    tensors["model_ema.num_updates"] = torch.tensor(state.ema.num_updates, dtype=torch.int32)
-    tensors["scale_factor"] = torch.tensor(state.pipe.scale_factor)
-    tensors.update(schedule.checkpoint_buffers())
-    contents = {"state_dict": tensors, checkpoint.CONFIG_KEY: state.pipe.config.to_json(),
-                "global_step": state.step, "ldm.optimizer_stage": state.optimizer_stage,
-                "optimizer_states": [state.optimizer_state] if state.optimizer_state else []}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        torch.save(contents, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _plain(networks, ours):
-    component, name = ours.split(".", 1)
-    return networks[component].state_dict()[name].detach().contiguous().clone()
+    unet_prefix = checkpoint.PREFIXES["unet"]
+    ema = {checkpoint.ema_name(unet_prefix + name): value
+           for name, value in state.ema.shadow.items()}
+    ema["model_ema.decay"] = torch.tensor(state.ema.decay, dtype=torch.float32)
+    ema["model_ema.num_updates"] = torch.tensor(state.ema.num_updates, dtype=torch.int32)
+    entries = {"global_step": state.step, "ldm.optimizer_stage": state.optimizer_stage,
+               "optimizer_states": [state.optimizer_state] if state.optimizer_state else []}
+    checkpoint.save_checkpoint(
+        path, state.pipe.networks(), state.pipe.config.to_json(), overwrite=True,
+        extra_tensors={**ema, "scale_factor": torch.tensor(state.pipe.scale_factor)},
+        extra_entries=entries)
 
 
 def load_training_checkpoint(path, ema_decay=None):

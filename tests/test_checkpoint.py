@@ -277,6 +277,9 @@ def test_save_never_overwrites_unasked(tiny, tmp_path):
     assert_same_weights(ldm.load(path), tiny)
     with pytest.raises(ValueError, match="must end in"):
         ldm.save(tiny, tmp_path / "model.bin")
+    with pytest.raises(ValueError, match="extra_entries need a .ckpt"):
+        checkpoint.save_checkpoint(tmp_path / "other.safetensors", tiny.networks(), "{}",
+                                   extra_entries={"global_step": 3})
     assert [p.name for p in tmp_path.iterdir()] == ["mine.safetensors"]  # no partial files
 
 
