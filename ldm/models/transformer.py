@@ -19,27 +19,24 @@ shapes differ ((C, C, 1, 1) versus (C, C)).
 Axis letters: B batch, C channels, h/w height/width, N pixel tokens (h·w), M context tokens,
 H heads, D head size.
 """
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ldm.kernels import attention, geglu
+from ldm.kernels import attention, geglu, group_norm_silu
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype; returns the input dtype.
+    """GroupNorm with float32 statistics whatever the input dtype; returns the input dtype.
 
     x: (B, C, ...) -> (B, C, ...). The original (`GroupNorm32` in CompVis openaimodel) upcasts
     because fp16 group statistics over h·w·C/groups values lose precision and can overflow
     when squared; the transformer's plain GroupNorm ran under autocast, which also computes
-    group_norm in float32, so upcasting here reproduces both.
+    group_norm in float32. `group_norm_silu` (without the SiLU) keeps float32 statistics on
+    every backend, so both are reproduced.
     """
 
     def forward(self, x):
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        out = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps)
-        return out.to(x.dtype)
+        return group_norm_silu(x, self, silu=False)
 
 
 class CrossAttention(nn.Module):
@@ -58,7 +55,7 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         # a Sequential only to keep the checkpoint name `to_out.0`
-        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), dropout_layer(dropout))
 
     def forward(self, x, context=None):
         context = x if context is None else context
@@ -86,13 +83,14 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     """GEGLU to 4·dim, dropout, Linear back to dim. x: (..., dim) -> (..., dim).
 
-    `net` keeps the original's indices: net.0 = GEGLU, net.1 = Dropout, net.2 = Linear.
+    `net` keeps the original's indices: net.0 = GEGLU, net.1 = Dropout (Identity at p = 0),
+    net.2 = Linear.
     """
 
     def __init__(self, dim, mult=4, dropout=0.0):
         super().__init__()
         inner_dim = dim * mult
-        self.net = nn.Sequential(GEGLU(dim, inner_dim), nn.Dropout(dropout),
+        self.net = nn.Sequential(GEGLU(dim, inner_dim), dropout_layer(dropout),
                                  nn.Linear(inner_dim, dim))
 
     def forward(self, x):
@@ -161,6 +159,13 @@ class SpatialTransformer(nn.Module):
 def _projection(dim_in, dim_out, use_linear):
     """SD 2's Linear on tokens, or SD 1's 1×1 convolution on the map (same maths, other shape)."""
     return nn.Linear(dim_in, dim_out) if use_linear else nn.Conv2d(dim_in, dim_out, 1)
+
+
+def dropout_layer(p):
+    """nn.Dropout(p), or nn.Identity when p = 0 (every SD config): an eval-mode dropout still
+    dispatches an operator per call, ~70 per U-Net forward of pure host time. Either keeps
+    the layer's index in its nn.Sequential, hence the checkpoint names."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
 def zero_init(module):

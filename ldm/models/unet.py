@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.kernels import group_norm_silu
-from ldm.models.transformer import GroupNorm32, SpatialTransformer, zero_init
+from ldm.models.transformer import GroupNorm32, SpatialTransformer, dropout_layer, zero_init
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class ResBlock(nn.Module):
             GroupNorm32(groups, in_channels), nn.SiLU(), conv3x3(in_channels, out_channels))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
         self.out_layers = nn.Sequential(
-            GroupNorm32(groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
+            GroupNorm32(groups, out_channels), nn.SiLU(), dropout_layer(dropout),
             zero_init(conv3x3(out_channels, out_channels)))  # zero init: starts as the identity
         self.skip_connection = (nn.Identity() if in_channels == out_channels
                                 else nn.Conv2d(in_channels, out_channels, 1))
