@@ -64,7 +64,8 @@ def _add_common(sub):
     sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     sub.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                      help="default: float16 on CUDA, float32 on CPU")
-    sub.add_argument("--no-progress", action="store_true", help="hide the progress bar (shown on a terminal)")
+    sub.add_argument("--no-progress", action="store_true",
+                     help="hide the progress bar (shown when stderr is a terminal)")
 
 
 def main(argv=None):

@@ -95,7 +95,8 @@ def _group_stats(X, Stats, S, group_channels, group_size, chunk, G, stride_b, st
                  CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     # -- program (b·G + g, j) owns values [j·chunk, (j+1)·chunk) of group g of sample b
     bg, j = tl.program_id(0), tl.program_id(1)
-    first_channel = (bg % G) * group_channels  # int64: B·C·S can pass 2^31 (the VAE at 1024²)
+    first_channel = (bg % G) * group_channels
+    # int64: B·C·S can pass 2^31 (the VAE at 1024²); offsets within one sample stay int32
     X += (bg // G).to(tl.int64) * stride_b + first_channel.to(tl.int64) * stride_c
     offs = tl.arange(0, BLOCK)
 
