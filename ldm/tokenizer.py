@@ -61,6 +61,22 @@ class CLIPTokenizer:
         """str -> the BPE ids of `text`, without start/end tokens and without truncation."""
         return self._bpe.encode(clean(text), add_special_tokens=False).ids
 
+    def decode(self, ids) -> str:
+        """Token ids (a list, or a (T,) tensor) -> text, special tokens and padding left out.
+
+        Words come back cleaned and lower-cased, as the model saw them; each BPE word end
+        ("</w>") becomes a space, so punctuation stands apart ("a cat , sitting"), as in
+        OpenAI's SimpleTokenizer.decode (whose trailing space is stripped here). Bytes that do
+        not form valid UTF-8 (a character cut by truncation) become U+FFFD.
+        """
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        tokens = [self._bpe.id_to_token(i) for i in ids if i not in (START_ID, END_ID)]
+        if None in tokens:
+            raise ValueError(f"token ids must be in [0, {END_ID}], got {ids}")
+        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        text = "".join(tokens).replace("</w>", " ")
+        return bytes(byte_of.get(c, ord(c)) for c in text).decode("utf-8", "replace").strip()
+
     def _truncate(self, row, prompt):
         """Cut `row` to max_length ids, keeping the end token last, as transformers does."""
         dropped = len(row) - self.max_length

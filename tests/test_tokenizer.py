@@ -181,6 +181,24 @@ def test_every_character_splits_as_openai(ours, openai):
     assert ours.encode(text) == openai.encode(text)
 
 
+def test_decode_matches_openai(corpus, ours, openai):
+    """decode() gives OpenAI's decode of the same ids (less its trailing space), on every prompt,
+    truncated ones included (a cut emoji's bytes become U+FFFD in both). Prompts that spell a
+    special token are left out: decode() drops it, open_clip writes its renamed form."""
+    prompts = [p for p in corpus if not re.search(r"<\|(start|end)oftext\|>", p, re.I)]
+    assert len(prompts) >= len(corpus) - 5
+    for prompt in prompts:
+        for ids in (ours.encode(prompt), ours.encode(prompt)[:75]):  # as the 77-id row cuts it
+            assert ours.decode(ids) == openai.decode(ids).strip(), prompt
+
+
+def test_decode_skips_special_tokens_and_padding(ours):
+    ids = ours(["A Photo of a CAT,  sitting"])[0]  # (77,): start, 8 ids, end, padding
+    assert ours.decode(ids) == "a photo of a cat , sitting"
+    with pytest.raises(ValueError, match="token ids"):
+        ours.decode([320, 49408])
+
+
 # --- known ids, truncation, shapes ---------------------------------------------------------------
 
 @pytest.mark.parametrize("prompt, ids", [
