@@ -9,7 +9,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from helpers import rel_error
 from ldm import schedule
-from ldm.samplers import (add_noise, cfg, ddim_timesteps, sample_ddim, sample_ddpm, sample_plms)
+from ldm.samplers import (add_noise, cfg, ddim_timesteps, eps_from_v, sample_ddim, sample_ddpm,
+                          sample_plms)
 
 AC = schedule.alphas_cumprod()  # (1000,) float64
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
@@ -235,3 +236,27 @@ def test_samplers_reject_bad_timesteps(sampler, timesteps):
 def test_ddim_rejects_negative_eta():
     with pytest.raises(ValueError, match="eta"):
         sample_ddim(toy_eps_fn(seed=111), randn(112, 1, 4, 5, 5), ddim_timesteps(5), AC, eta=-0.1)
+
+
+@pytest.mark.parametrize("steps,eta", [(10, 0.0), (50, 0.0), (25, 0.5)])
+def test_v_prediction_ddim_matches_diffusers(steps, eta):
+    """A v-predicting model wrapped by eps_from_v, against DDIMScheduler(prediction_type=
+    "v_prediction") fed the raw v: SD 2 768-v sampling."""
+    toy = toy_eps_fn(seed=31)
+
+    def v_model(x, t, context):
+        return toy(x, t) + context  # context: a constant offset, to see it passed through
+
+    context = randn(32, 2, 4, 5, 5)
+    x = randn(33, 2, 4, 5, 5)
+    eps_fn = lambda x, t: eps_from_v(v_model, AC)(x, t, context)  # noqa: E731
+    out = sample_ddim(eps_fn, x, ddim_timesteps(steps), AC, eta=eta,
+                      generator=torch.Generator().manual_seed(34))
+    sched = diffusers_ddim(steps)
+    sched.register_to_config(prediction_type="v_prediction")
+    g, ref = torch.Generator().manual_seed(34), x
+    for t in sched.timesteps:
+        v = v_model(ref, torch.full((2,), int(t)), context)
+        noise = torch.randn(x.shape, generator=g, dtype=x.dtype) if eta > 0 else None
+        ref = sched.step(v, t, ref, eta=eta, variance_noise=noise).prev_sample
+    assert rel_error(out, ref) < 1e-12

@@ -4,6 +4,7 @@
     ts = ddim_timesteps(50)                                # 981, 961, …, 1
     z = sample_ddim(eps_fn, x_T, ts, pipe.alphas_cumprod)  # or sample_plms / sample_ddpm
 
+A v-prediction model (SD 2 768-v) is wrapped first: eps_from_v(unet, alphas_cumprod).
 img2img: start at a tail of the timesteps, x = add_noise(z0, noise, ts[k], alphas_cumprod),
 then sample with ts[k:].
 """
@@ -12,6 +13,7 @@ from ldm.samplers.ddim import ddim_step, ddim_timesteps, sample_ddim
 from ldm.samplers.ddpm import ddpm_step, sample_ddpm
 from ldm.samplers.guidance import cfg
 from ldm.samplers.plms import sample_plms
+from ldm.samplers.prediction import eps_from_v
 
-__all__ = ["add_noise", "cfg", "ddim_step", "ddim_timesteps", "ddpm_step", "sample_ddim",
-           "sample_ddpm", "sample_plms"]
+__all__ = ["add_noise", "cfg", "ddim_step", "ddim_timesteps", "ddpm_step", "eps_from_v",
+           "sample_ddim", "sample_ddpm", "sample_plms"]

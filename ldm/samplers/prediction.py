@@ -1,0 +1,30 @@
+"""What the network predicts: ε (SD 1.x, SD 2 512-base) or v (SD 2 768-v).
+
+Every sampler here is written in terms of ε. A v-prediction model (Salimans & Ho 2022,
+arXiv:2202.00512, "progressive distillation") outputs v = √ᾱ_t ε − √(1−ᾱ_t) x0 instead; with
+x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε that gives
+    ε  = √ᾱ_t v + √(1−ᾱ_t) x_t          (the original's predict_eps_from_z_and_v)
+    x0 = √ᾱ_t x_t − √(1−ᾱ_t) v          (predict_start_from_z_and_v; the samplers' x0 from
+                                          this ε is the same, up to rounding)
+so wrapping the model is all it takes.
+
+Shapes: x (B, C, h, w), t (B,) int64, v and ε like x.
+"""
+import torch
+
+PREDICTIONS = ("eps", "v")
+
+
+def eps_from_v(v_model, alphas_cumprod):
+    """eps_model(x, t, context) -> ε, from v_model(x, t, context) -> v.
+
+    The coefficients are gathered on x's device from t (no host sync), computed in float64 and
+    cast to x's dtype.
+    """
+    alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+
+    def eps_model(x, t, context):
+        v = v_model(x, t, context)
+        a = alphas_cumprod.to(x.device)[t].reshape(-1, *[1] * (x.ndim - 1))  # (B, 1, 1, 1)
+        return a.sqrt().to(x.dtype) * v + (1 - a).sqrt().to(x.dtype) * x
+    return eps_model
