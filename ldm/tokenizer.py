@@ -22,6 +22,7 @@ Axis letters: B prompts, T tokens (= max_length).
 """
 import functools
 import gzip
+import html
 import re
 import warnings
 from pathlib import Path
@@ -42,16 +43,29 @@ CLIP_SPLIT = r"""(?i)<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[
 
 
 class CLIPTokenizer:
-    """Prompts -> (B, T) token ids for CLIP's text encoder, T = `max_length` (77 in SD)."""
+    """Prompts -> (B, T) token ids for CLIP's text encoder, T = `max_length` (77 in SD).
 
-    def __init__(self, max_length=77, vocab_path=VOCAB_PATH):
+    The defaults are SD 1.x's (transformers' CLIPTokenizer). SD 2.x tokenizes with open_clip's
+    `tokenize`, which differs in two ways: padding with id 0 (`pad_id=0`), and html-unescaping
+    the prompt twice before the clean-up (`html_unescape=True`); `CLIPTokenizer.open_clip()`.
+    """
+
+    def __init__(self, max_length=77, vocab_path=VOCAB_PATH, *, pad_id=END_ID,
+                 html_unescape=False):
         self.max_length = max_length
+        self.pad_id = pad_id
+        self.html_unescape = html_unescape
         self._bpe = _build_bpe(str(vocab_path))
 
+    @classmethod
+    def open_clip(cls, max_length=77):
+        """SD 2.x's tokenizer: open_clip's conventions (see the class docstring)."""
+        return cls(max_length, pad_id=0, html_unescape=True)
+
     def __call__(self, prompts: str | list[str]) -> torch.LongTensor:
-        """str or list of B str -> LongTensor (B, T): start, ids, end, end-padding."""
+        """str or list of B str -> LongTensor (B, T): start, ids, end, padding."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        ids = torch.full((len(prompts), self.max_length), END_ID, dtype=torch.long)
+        ids = torch.full((len(prompts), self.max_length), self.pad_id, dtype=torch.long)
         for b, prompt in enumerate(prompts):
             row = self._truncate([START_ID] + self.encode(prompt) + [END_ID], prompt)
             ids[b, : len(row)] = torch.tensor(row)
@@ -59,7 +73,7 @@ class CLIPTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """str -> the BPE ids of `text`, without start/end tokens and without truncation."""
-        return self._bpe.encode(clean(text), add_special_tokens=False).ids
+        return self._bpe.encode(clean(text, self.html_unescape), add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         """Token ids (a list, or a (T,) tensor) -> text, special tokens and padding left out.
@@ -70,7 +84,8 @@ class CLIPTokenizer:
         not form valid UTF-8 (a character cut by truncation) become U+FFFD.
         """
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        tokens = [self._bpe.id_to_token(i) for i in ids if i not in (START_ID, END_ID)]
+        tokens = [self._bpe.id_to_token(i) for i in _without_padding(ids, self.pad_id)
+                  if i not in (START_ID, END_ID)]
         if None in tokens:
             raise ValueError(f"token ids must be in [0, {END_ID}], got {ids}")
         byte_of = {c: b for b, c in _bytes_to_unicode().items()}
@@ -90,18 +105,29 @@ class CLIPTokenizer:
         return row[: self.max_length - 1] + [END_ID]
 
 
-def clean(text):
+def clean(text, html_unescape=False):
     """The text clean-up of transformers' slow CLIPTokenizer (with ftfy installed):
     `whitespace_clean(ftfy.fix_text(text)).lower()`.
 
-    OpenAI's own `basic_clean` also runs `html.unescape` twice; transformers does not, and SD
-    was trained and is run with transformers, so neither do we. ftfy already decodes entities
-    such as "&amp;", unless the text contains a "<" (it may be HTML, left as it is).
+    OpenAI's own `basic_clean` (hence open_clip's, hence SD 2's) also runs `html.unescape`
+    twice; transformers does not, and SD 1 was trained and is run with transformers, so only
+    `html_unescape=True` does. ftfy already decodes entities such as "&amp;", unless the text
+    contains a "<" (it may be HTML, left as it is).
     """
+    text = ftfy.fix_text(text)
+    if html_unescape:
+        text = html.unescape(html.unescape(text))
     # The reference's `\s` is the `regex` module's; the stdlib's also matches \x1c-\x1f, which
     # ftfy has already removed, so the two agree here.
-    text = re.sub(r"\s+", " ", ftfy.fix_text(text)).strip()
+    text = re.sub(r"\s+", " ", text).strip()
     return text.lower()
+
+
+def _without_padding(ids, pad_id):
+    """ids up to the first padding id after the end token (SD 2 pads with 0, a real token: "!")."""
+    if pad_id != END_ID and END_ID in ids:
+        return ids[: ids.index(END_ID) + 1]
+    return ids
 
 
 @functools.lru_cache(maxsize=None)

@@ -181,6 +181,18 @@ def test_every_character_splits_as_openai(ours, openai):
     assert ours.encode(text) == openai.encode(text)
 
 
+def test_sd2_tokenizer_matches_open_clip(corpus, openai):
+    """SD 2.x tokenizes with open_clip (html-unescaped, padded with 0): the same (B, 77) ids as
+    its tokenizer on every prompt, truncated ones included, except prompts that spell a special
+    token (open_clip renamed them)."""
+    ours = CLIPTokenizer.open_clip()
+    prompts = [p for p in corpus if not re.search(r"<\|(start|end)oftext\|>", p, re.I)]
+    assert len(prompts) >= len(corpus) - 5
+    theirs = openai(prompts, context_length=77)
+    assert_same(prompts, ids_quietly(ours, prompts), theirs.tolist(), "open_clip")
+    assert ours.decode(ours(["a cat!"])[0]) == "a cat !"  # id 0 is "!": padding is not decoded
+
+
 def test_decode_matches_openai(corpus, ours, openai):
     """decode() gives OpenAI's decode of the same ids (less its trailing space), on every prompt,
     truncated ones included (a cut emoji's bytes become U+FFFD in both). Prompts that spell a
