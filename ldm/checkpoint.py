@@ -9,12 +9,14 @@ the prefix table below plus two rules:
     vae.<name>                       <->  first_stage_model.<name>
     text_encoder.<name>              <->  cond_stage_model.transformer.text_model.<name>
                                           (older files: cond_stage_model.transformer.<name>)
+    text_encoder.<name> (SD 2.x)     <->  cond_stage_model.model.<name>   (OpenCLIP)
     unet.<name> (EMA weights)        <->  model_ema.diffusion_model<name without dots>
 
 `IGNORED` lists what the original stores that ldm does not need. Files are read one tensor at a
 time (safetensors is memory-mapped, .ckpt is opened with mmap=True) and never through pickle's
 arbitrary code execution: `torch.load(..., weights_only=True)` only.
 """
+import json
 import os
 import pickle
 import warnings
@@ -34,6 +36,8 @@ PREFIXES = {
 }
 # Text encoders saved by older transformers versions lack the `text_model.` level.
 LEGACY_TEXT_PREFIX = "cond_stage_model.transformer."
+# The text encoder of each family (ModelConfig.text_encoder): SD 1.x's CLIP, SD 2.x's OpenCLIP.
+TEXT_PREFIXES = {"clip": PREFIXES["text_encoder"], "open_clip": "cond_stage_model.model."}
 EMA_PREFIX = "model_ema."
 POSITION_IDS = "embeddings.position_ids"
 # Stored by the original but derived or unused here; the schedule buffers are checked, not loaded.
@@ -236,10 +240,12 @@ def save_checkpoint(path, models, config_json, *, overwrite=False, extra_tensors
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     states = {component: module.state_dict() for component, module in models.items()}
-    tensors = {orig: _plain(states, ours) for ours, orig in name_map(models).items()}
-    # Written like the releases do, for tools that expect it; ldm itself ignores it.
-    positions = states["text_encoder"]["embeddings.position_embedding.weight"].shape[0]
-    tensors[PREFIXES["text_encoder"] + POSITION_IDS] = torch.arange(positions).unsqueeze(0)
+    family = json.loads(config_json).get("text_encoder", "clip")
+    rows = name_map(models, text_prefix=TEXT_PREFIXES[family])
+    tensors = {orig: _plain(states, ours) for ours, orig in rows.items()}
+    if family == "clip":  # written like the releases do, for tools that expect it; ldm ignores it
+        positions = states["text_encoder"]["embeddings.position_embedding.weight"].shape[0]
+        tensors[PREFIXES["text_encoder"] + POSITION_IDS] = torch.arange(positions).unsqueeze(0)
     tensors.update(schedule.checkpoint_buffers())
     tensors.update({name: t.detach().to("cpu").contiguous()
                     for name, t in (extra_tensors or {}).items()})

@@ -3,6 +3,7 @@
 The file format and the name map live in `ldm/checkpoint.py`; this module decides which model a
 file holds, builds it on the meta device (no memory, no init time) and fills it tensor by tensor.
 """
+import re
 from pathlib import Path
 
 import torch
@@ -16,24 +17,28 @@ from ldm.pipeline import StableDiffusion
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "tiny-shapes.safetensors"
 
 
-def load(path=None, *, device="cpu", dtype=torch.float32, use_ema=True, strict=False):
+def load(path=None, *, device="cpu", dtype=torch.float32, use_ema=True, strict=False,
+         config=None):
     """Load an original-layout checkpoint (.safetensors or .ckpt) into a `StableDiffusion`.
 
     path: the file; None loads the small model shipped in weights/.
     use_ema: when the file holds EMA copies of the U-Net (`model_ema.*`), load those.
     strict: refuse files with unexpected tensors instead of warning.
+    config: a preset name or ModelConfig to use instead of the one detected from the file: SD
+    2.x files do not say whether they predict v (768-v, preset "sd21") or ε (512 "base",
+    "sd21-base"); detection goes by the file name ("512" or "base" in it: ε), else v.
     Raises CheckpointError (naming the file and each missing/misshapen tensor) on bad files.
     """
     path = DEFAULT_CHECKPOINT if path is None else Path(path)
     if path == DEFAULT_CHECKPOINT and not path.exists():
         raise FileNotFoundError(f"no checkpoint named, and the default model {path} is not there")
     ckpt = checkpoint.open_checkpoint(path)
-    config = detect_config(ckpt)
+    config = detect_config(ckpt) if config is None else _preset(config)
     with torch.device("meta"):
         pipe = StableDiffusion(config)
     networks = pipe.networks()
     rows = checkpoint.name_map(networks, use_ema=use_ema and _has_ema(ckpt),
-                               text_prefix=_text_prefix(ckpt))
+                               text_prefix=_text_prefix(ckpt, config))
     shapes = {f"{c}.{n}": tuple(t.shape) for c, m in networks.items()
               for n, t in m.state_dict().items()}
     checkpoint.check_tensors(ckpt, rows, shapes, strict=strict)
@@ -64,14 +69,25 @@ def detect_config(ckpt):
         raise CheckpointError(ckpt.path, "holds no Stable Diffusion U-Net (no tensor "
                               f"{unet}input_blocks.0.0.weight)")
     cross_attn = ckpt.shapes.get(unet + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-    if ckpt.has_prefix("cond_stage_model.model.") or (cross_attn and cross_attn[1] == 1024):
-        raise CheckpointError(ckpt.path, "is a Stable Diffusion 2.x checkpoint (OpenCLIP ViT-H "
-                              "text encoder, 1024-wide context); ldm loads SD 1.x only so far")
-    families = {4: "sd15", 9: "sd15-inpainting"}
-    if first_conv[1] not in families:
-        raise CheckpointError(ckpt.path, f"has a U-Net with {first_conv[1]} input channels; "
-                              "ldm knows 4 (SD 1.x) and 9 (SD 1.5 inpainting)")
-    return PRESETS[families[first_conv[1]]]
+    sd2 = ckpt.has_prefix(checkpoint.TEXT_PREFIXES["open_clip"]) or (
+        cross_attn is not None and cross_attn[1] == 1024)
+    families = {(4, False): "sd15", (9, False): "sd15-inpainting", (4, True): "sd21"}
+    family = families.get((first_conv[1], sd2))
+    if family is None:
+        raise CheckpointError(ckpt.path, f"has a U-Net with {first_conv[1]} input channels "
+                              f"({'SD 2.x' if sd2 else 'SD 1.x'}); ldm knows 4 (SD 1.x, SD 2.x) "
+                              "and 9 (SD 1.5 inpainting)")
+    if sd2 and re.search(r"512|base", ckpt.path.name, re.I):
+        family = "sd21-base"
+    return PRESETS[family]
+
+
+def _preset(config):
+    if isinstance(config, ModelConfig):
+        return config
+    if config not in PRESETS:
+        raise ValueError(f"config must be a ModelConfig or one of {list(PRESETS)}, got {config!r}")
+    return PRESETS[config]
 
 
 def _has_ema(ckpt):
@@ -79,7 +95,9 @@ def _has_ema(ckpt):
                for name in ckpt.shapes)
 
 
-def _text_prefix(ckpt):
+def _text_prefix(ckpt, config):
+    if config.text_encoder != "clip":
+        return checkpoint.TEXT_PREFIXES[config.text_encoder]
     if ckpt.has_prefix(checkpoint.PREFIXES["text_encoder"]):
         return checkpoint.PREFIXES["text_encoder"]
     if ckpt.has_prefix(checkpoint.LEGACY_TEXT_PREFIX):

@@ -25,6 +25,7 @@ from ldm.config import ModelConfig
 from ldm.cuda_graph import CUDAGraphed
 from ldm.images import mask_to_tensor, to_pil, to_tensor
 from ldm.models.clip_text import CLIPTextModel
+from ldm.models.open_clip_text import OpenCLIPTextModel
 from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL
 from ldm.tokenizer import CLIPTokenizer
@@ -41,8 +42,9 @@ class StableDiffusion(nn.Module):
     def __init__(self, config=ModelConfig()):
         super().__init__()
         self.config = config
-        self.tokenizer = CLIPTokenizer()
-        self.text_encoder = CLIPTextModel(config.text)
+        text_model, tokenizer = TEXT_ENCODERS[config.text_encoder]
+        self.tokenizer = tokenizer()
+        self.text_encoder = text_model(config.text)
         self.unet = UNet(config.unet)
         self.vae = AutoencoderKL(config.vae)
         self.scale_factor = config.scale_factor
@@ -240,7 +242,10 @@ class StableDiffusion(nn.Module):
         return blend
 
     def _run(self, job, x, timesteps, generator, callback, progress):
-        eps_fn = samplers.cfg(job.eps_model, job.cond, job.uncond, job.cfg_scale)
+        eps_model = job.eps_model
+        if self.config.prediction == "v":  # outside the inpainting inputs: x is the 4-ch latent
+            eps_model = samplers.eps_from_v(eps_model, self.alphas_cumprod)
+        eps_fn = samplers.cfg(eps_model, job.cond, job.uncond, job.cfg_scale)
         # The samplers draw their per-step noise (DDPM, DDIM with eta > 0) on the latents'
         # device; seed a generator there from ours.
         if self.device.type != "cpu":
@@ -263,6 +268,9 @@ class StableDiffusion(nn.Module):
         return images if job.output_type == "tensor" else to_pil(images)
 
 
+# Text encoder and tokenizer of each family (ModelConfig.text_encoder): SD 1.x, SD 2.x.
+TEXT_ENCODERS = {"clip": (CLIPTextModel, CLIPTokenizer),
+                 "open_clip": (OpenCLIPTextModel, CLIPTokenizer.open_clip)}
 SAMPLERS = ("ddim", "plms", "ddpm")
 OUTPUT_TYPES = ("pil", "latent", "tensor")
 # DDIM's timestep +1 quirk makes 1000 DDIM steps index past the schedule, as in the original.
@@ -279,7 +287,7 @@ class _Job:
     sampler: str
     eta: float
     output_type: str
-    eps_model: object       # (x, t, context) -> eps: the U-Net, or it with inpainting inputs
+    eps_model: object       # (x, t, context) -> the U-Net's ε (or v), with inpainting inputs
     timesteps: torch.Tensor
 
 

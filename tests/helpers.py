@@ -1,16 +1,25 @@
 """Shared test utilities: the real checkpoint manifests, random weights, relative error."""
 import gzip
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from ldm.config import PRESETS, ModelConfig
+from ldm.models.open_clip_text import OPEN_CLIP_TINY
 from ldm.tokenizer import VOCAB_PATH
 
 # shared/ lies beside the project's root, for developers and CI alike.
 MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "manifests"
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "I64": torch.int64, "I32": torch.int32}
+
+
+# SD 2.x at toy size: 16-wide heads, linear projections, OpenCLIP text, v-prediction.
+TINY_SD2 = ModelConfig(
+    unet=replace(PRESETS["tiny"].unet, num_heads=None, head_dim=16, use_linear_proj=True),
+    vae=PRESETS["tiny"].vae, text=OPEN_CLIP_TINY, text_encoder="open_clip", prediction="v")
 
 
 def read_manifest(name):

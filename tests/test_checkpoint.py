@@ -17,7 +17,7 @@ from ldm import checkpoint
 from ldm.config import PRESETS
 from ldm.pipeline import StableDiffusion
 
-from helpers import randomize_, read_manifest
+from helpers import TINY_SD2, randomize_, read_manifest
 
 NOT_LOADED = {"model_ema.decay", "model_ema.num_updates",
               "cond_stage_model.transformer.text_model.embeddings.position_ids"}
@@ -34,11 +34,13 @@ def expected_shapes(networks):
 
 
 @pytest.mark.parametrize("preset, manifest", [("sd15", "sd15_emaonly"), ("sd15", "sd14"),
-                                              ("sd15-inpainting", "sd15_inpainting")])
+                                              ("sd15-inpainting", "sd15_inpainting"),
+                                              ("sd21", "sd21_768v"), ("sd21-base", "sd21_768v")])
 def test_map_covers_every_real_tensor_exactly_once(preset, manifest):
     real = read_manifest(manifest)
     networks = meta_networks(preset)
-    rows = checkpoint.name_map(networks)
+    text_prefix = checkpoint.TEXT_PREFIXES[PRESETS[preset].text_encoder]
+    rows = checkpoint.name_map(networks, text_prefix=text_prefix)
     assert len(set(rows.values())) == len(rows), "two parameters map to one original name"
     loaded = set(real) - NOT_LOADED - set(ldm.schedule.checkpoint_buffers())
     assert set(rows.values()) == loaded
@@ -83,6 +85,21 @@ def assert_same_weights(a, b):
         other = b.networks()[component].state_dict()
         for name, tensor in module.state_dict().items():
             assert torch.equal(tensor, other[name]), f"{component}.{name} differs"
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_sd2_round_trip_uses_the_open_clip_names(tmp_path, suffix):
+    pipe = StableDiffusion(TINY_SD2)
+    for module in pipe.networks().values():
+        randomize_(module, seed=int(torch.randint(1 << 30, ())))
+    ldm.save(pipe, tmp_path / f"sd2{suffix}")
+    names = checkpoint.open_checkpoint(tmp_path / f"sd2{suffix}").shapes
+    text = {n for n in names if n.startswith("cond_stage_model.")}
+    assert text and all(n.startswith("cond_stage_model.model.") for n in text)
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in text
+    loaded = ldm.load(tmp_path / f"sd2{suffix}")
+    assert loaded.config == TINY_SD2
+    assert_same_weights(pipe, loaded)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
@@ -296,12 +313,17 @@ def test_family_is_told_from_shapes(tmp_path):
     inpaint = write_shapes(tmp_path / "in.safetensors", {first: (320, 9, 3, 3), cross: (320, 768)})
     assert ldm.loader.detect_config(v1) == PRESETS["sd15"]
     assert ldm.loader.detect_config(inpaint) == PRESETS["sd15-inpainting"]
-    v2 = write_shapes(tmp_path / "v2.safetensors", {first: (320, 4, 3, 3), cross: (320, 1024)})
-    with pytest.raises(ldm.CheckpointError, match="v2.safetensors.*Stable Diffusion 2"):
-        ldm.load(v2.path)
+    v2 = {first: (320, 4, 3, 3), cross: (320, 1024)}
+    # The files do not say v or ε: the release names do (v2-1_768-ema-pruned, v2-1_512-…).
+    for name, preset in [("v2-1_768-ema-pruned", "sd21"), ("v2-1_512-ema-pruned", "sd21-base"),
+                         ("sd21-base-finetune", "sd21-base"), ("my-sd2-model", "sd21")]:
+        found = ldm.loader.detect_config(write_shapes(tmp_path / f"{name}.safetensors", v2))
+        assert found == PRESETS[preset], name
     depth = write_shapes(tmp_path / "depth.safetensors", {first: (320, 5, 3, 3)})
     with pytest.raises(ldm.CheckpointError, match="5 input channels"):
         ldm.load(depth.path)
+    with pytest.raises(ValueError, match="config must be a ModelConfig or one of"):
+        ldm.load(depth.path, config="sd3")
 
 
 def test_a_real_key_set_with_one_tensor_missing_names_it(tmp_path):

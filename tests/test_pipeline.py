@@ -17,7 +17,7 @@ from ldm import cli
 from ldm.config import PRESETS
 from ldm.models.unet import UNET_TINY
 
-from helpers import randomize_
+from helpers import TINY_SD2, randomize_
 
 SIZE = 32  # pixels; the tiny VAE downsamples by 2, so 16×16 latents
 
@@ -110,6 +110,21 @@ def test_inpainting_with_an_ordinary_model_keeps_the_unmasked_latents(pipe):
     keep, repaint = slice(0, SIZE // 4), slice(SIZE // 4, SIZE // 2)
     assert torch.allclose(a[..., keep], b[..., keep], atol=1e-5)
     assert not torch.allclose(a[..., repaint], b[..., repaint], atol=1e-3)
+
+
+@pytest.mark.parametrize("in_channels", [4, 9])
+def test_v_prediction_model_generates_and_inpaints(in_channels):
+    """SD 2-style: OpenCLIP text (0-padded ids), v converted to ε on the 4-channel latent, also
+    when a 9-channel inpainting U-Net takes the mask and masked image as extra inputs."""
+    config = replace(TINY_SD2, unet=replace(TINY_SD2.unet, in_channels=in_channels))
+    pipe = random_pipe(config, seed=int(torch.randint(1 << 20, ())))
+    assert pipe.tokenizer("a cat")[0, -1] == 0
+    image = torch.rand(1, 3, SIZE, SIZE) * 2 - 1
+    mask = torch.zeros(1, 1, SIZE, SIZE)
+    mask[..., : SIZE // 2, :] = 1
+    out = pipe.inpaint(image, mask, "a red circle", steps=3, seed=1, output_type="latent",
+                       progress=False)
+    assert out.shape == (1, 4, SIZE // 2, SIZE // 2) and torch.isfinite(out).all()
 
 
 def test_inpainting_model_sees_mask_and_masked_image():
