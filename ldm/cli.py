@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ldm.config import PRESETS
 from ldm.loader import DEFAULT_CHECKPOINT, load
 from ldm.pipeline import SAMPLERS
 
@@ -51,7 +52,10 @@ def build_parser():
 def _add_common(sub):
     sub.add_argument("--negative-prompt", default="", help="what to steer away from")
     sub.add_argument("--ckpt", type=Path, help="a .safetensors or .ckpt Stable Diffusion 1.x "
-                     f"checkpoint (default: {DEFAULT_CHECKPOINT.name}, shipped with ldm)")
+                     f"or 2.x checkpoint (default: {DEFAULT_CHECKPOINT.name}, shipped with ldm)")
+    sub.add_argument("--config", choices=PRESETS, help="the model preset, instead of telling it "
+                     "from the file (e.g. sd21-base for an SD 2 512 ε-model whose file name "
+                     "does not say 512 or base)")
     sub.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     sub.add_argument("--sampler", choices=SAMPLERS, help="default: the model's")
     sub.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale; 1 = none")
@@ -71,7 +75,7 @@ def _add_common(sub):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
-    pipe = load(args.ckpt, device=args.device, dtype=dtype)
+    pipe = load(args.ckpt, device=args.device, dtype=dtype, config=args.config)
     seed = args.seed if args.seed is not None else int(torch.randint(2**31, ()))
     images = _generate(pipe, args, seed)
     info = _parameters(pipe, args, seed, images[0].size)

@@ -205,6 +205,17 @@ def test_cli_img2img_and_inpaint(pipe, tmp_path):
     assert Image.open(tmp_path / "b.png").text["command"] == "inpaint"
 
 
+def test_cli_config_overrides_the_detected_model(pipe, tmp_path):
+    ckpt = tmp_path / "tiny.safetensors"
+    ldm.save(pipe, ckpt)
+    common = ["txt2img", "a circle", "--ckpt", str(ckpt), "--steps", "1", "--height", "32",
+              "--width", "32", "--no-progress"]
+    assert cli.main([*common, "--config", "tiny", "--out", str(tmp_path / "a.png")]) == 0
+    with pytest.raises(ldm.CheckpointError, match="tiny.safetensors.*shape"):
+        cli.main([*common, "--config", "sd15", "--out", str(tmp_path / "b.png")])
+    assert not (tmp_path / "b.png").exists()
+
+
 def test_cli_help_explains_each_command(capsys):
     for command in cli.COMMANDS:
         with pytest.raises(SystemExit):
