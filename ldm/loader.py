@@ -77,7 +77,7 @@ def detect_config(ckpt):
         raise CheckpointError(ckpt.path, f"has a U-Net with {first_conv[1]} input channels "
                               f"({'SD 2.x' if sd2 else 'SD 1.x'}); ldm knows 4 (SD 1.x, SD 2.x) "
                               "and 9 (SD 1.5 inpainting)")
-    if sd2 and re.search(r"512|base", ckpt.path.name, re.I):
+    if sd2 and re.search(r"(?<!\d)512(?!\d)|base", ckpt.path.name, re.I):
         family = "sd21-base"
     return PRESETS[family]
 

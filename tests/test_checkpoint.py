@@ -316,7 +316,8 @@ def test_family_is_told_from_shapes(tmp_path):
     v2 = {first: (320, 4, 3, 3), cross: (320, 1024)}
     # The files do not say v or ε: the release names do (v2-1_768-ema-pruned, v2-1_512-…).
     for name, preset in [("v2-1_768-ema-pruned", "sd21"), ("v2-1_512-ema-pruned", "sd21-base"),
-                         ("sd21-base-finetune", "sd21-base"), ("my-sd2-model", "sd21")]:
+                         ("sd21-base-finetune", "sd21-base"), ("my-sd2-model", "sd21"),
+                         ("sd2-768-v-5120-steps", "sd21")]:
         found = ldm.loader.detect_config(write_shapes(tmp_path / f"{name}.safetensors", v2))
         assert found == PRESETS[preset], name
     depth = write_shapes(tmp_path / "depth.safetensors", {first: (320, 5, 3, 3)})
