@@ -212,9 +212,9 @@ def run_models(seed, memory_format=torch.contiguous_format, on_conv_input=None):
     x = torch.randn(2, 4, 8, 8, generator=g).to(DEVICE)
     context = torch.randn(2, 5, UNET_TINY.context_dim, generator=g).to(DEVICE)
     images = (torch.rand(1, 3, 16, 16, generator=g) * 2 - 1).to(DEVICE)
-    for conv in [m for m in [*unet.modules(), *vae.modules()] if isinstance(m, nn.Conv2d)]:
-        if on_conv_input is not None:
-            conv.register_forward_pre_hook(lambda conv, inputs: on_conv_input(conv, inputs[0]))
+    convs = [m for m in [*unet.modules(), *vae.modules()] if isinstance(m, nn.Conv2d)]
+    for conv in convs if on_conv_input is not None else ():
+        conv.register_forward_pre_hook(lambda conv, inputs: on_conv_input(conv, inputs[0]))
     with torch.no_grad():
         return (unet(x, torch.tensor([10, 900], device=DEVICE), context),
                 vae.decode(vae.encode(images).mean))
