@@ -105,6 +105,9 @@ PRESETS = {
     "sd15-inpainting": ModelConfig(unet=UNET_SD15_INPAINTING),
     "sd21": SD21,  # v2-1_768-ema-pruned, v2-0 768-v
     "sd21-base": dataclasses.replace(SD21, prediction="eps", image_size=512),
+    # 512-inpainting-ema: the 512 base model with SD 1.5 inpainting's 9 input channels
+    "sd2-inpainting": dataclasses.replace(SD21, prediction="eps", image_size=512,
+                                          unet=dataclasses.replace(UNET_SD21, in_channels=9)),
     "tiny": ModelConfig(unet=UNET_TINY, vae=VAE_TINY, text=CLIP_TINY),
     "tiny-shapes": TINY_SHAPES,
 }

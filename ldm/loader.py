@@ -71,13 +71,14 @@ def detect_config(ckpt):
     cross_attn = ckpt.shapes.get(unet + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
     sd2 = ckpt.has_prefix(checkpoint.TEXT_PREFIXES["open_clip"]) or (
         cross_attn is not None and cross_attn[1] == 1024)
-    families = {(4, False): "sd15", (9, False): "sd15-inpainting", (4, True): "sd21"}
+    families = {(4, False): "sd15", (9, False): "sd15-inpainting", (4, True): "sd21",
+                (9, True): "sd2-inpainting"}
     family = families.get((first_conv[1], sd2))
     if family is None:
         raise CheckpointError(ckpt.path, f"has a U-Net with {first_conv[1]} input channels "
-                              f"({'SD 2.x' if sd2 else 'SD 1.x'}); ldm knows 4 (SD 1.x, SD 2.x) "
-                              "and 9 (SD 1.5 inpainting)")
-    if sd2 and re.search(r"(?<!\d)512(?!\d)|base", ckpt.path.name, re.I):
+                              f"({'SD 2.x' if sd2 else 'SD 1.x'}); ldm knows 4 (text to image) "
+                              "and 9 (inpainting)")
+    if family == "sd21" and re.search(r"(?<!\d)512(?!\d)|base", ckpt.path.name, re.I):
         family = "sd21-base"
     return PRESETS[family]
 

@@ -50,6 +50,18 @@ def test_map_covers_every_real_tensor_exactly_once(preset, manifest):
     assert all(name in checkpoint.IGNORED for name in set(real) - loaded)
 
 
+def test_sd2_inpainting_is_sd21_with_nine_input_channels():
+    """No manifest of 512-inpainting-ema is at hand: as SD 1.5 inpainting is to SD 1.5, it is
+    taken to be the SD 2 tensor set with a 9-channel input convolution."""
+    real = {name: shape for name, (shape, _) in read_manifest("sd21_768v").items()}
+    real["model.diffusion_model.input_blocks.0.0.weight"] = (320, 9, 3, 3)
+    networks = meta_networks("sd2-inpainting")
+    rows = checkpoint.name_map(networks, text_prefix=checkpoint.TEXT_PREFIXES["open_clip"])
+    shapes = expected_shapes(networks)
+    assert {original: shapes[ours] for ours, original in rows.items()} == \
+        {original: real[original] for original in rows.values()}
+
+
 def test_ema_names_match_the_full_ema_release():
     real = read_manifest("sd15_pruned_full_ema")
     ema_rows = checkpoint.name_map(meta_networks("sd15"), use_ema=True)
@@ -320,6 +332,9 @@ def test_family_is_told_from_shapes(tmp_path):
                          ("sd2-768-v-5120-steps", "sd21")]:
         found = ldm.loader.detect_config(write_shapes(tmp_path / f"{name}.safetensors", v2))
         assert found == PRESETS[preset], name
+    inpaint_v2 = write_shapes(tmp_path / "512-inpainting-ema.safetensors",
+                              {first: (320, 9, 3, 3), cross: (320, 1024)})
+    assert ldm.loader.detect_config(inpaint_v2) == PRESETS["sd2-inpainting"]
     depth = write_shapes(tmp_path / "depth.safetensors", {first: (320, 5, 3, 3)})
     with pytest.raises(ldm.CheckpointError, match="5 input channels"):
         ldm.load(depth.path)
