@@ -129,17 +129,19 @@ class CLIPTextModel(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
 
     def forward(self, ids, layers=None):
-        self._check_ids(ids)
+        check_token_ids(ids, self.cfg.max_positions)
         x = self.embeddings(ids)  # (B, T, C)
         for layer in self.encoder.layers[:layers]:
             x = layer(x)
         return self.final_layer_norm(x)
 
-    def _check_ids(self, ids):
-        if ids.ndim != 2:
-            raise ValueError(f"ids must have shape (B, T), got rank {ids.ndim}: {tuple(ids.shape)}")
-        if ids.is_floating_point():
-            raise ValueError(f"ids must be integer token ids, got dtype {ids.dtype}")
-        if ids.shape[1] > self.cfg.max_positions:
-            raise ValueError(f"ids have {ids.shape[1]} tokens, more than the "
-                             f"{self.cfg.max_positions} positions the model has")
+
+def check_token_ids(ids, max_positions):
+    """Raise a ValueError unless ids is a (B, T) integer tensor with T <= max_positions."""
+    if ids.ndim != 2:
+        raise ValueError(f"ids must have shape (B, T), got rank {ids.ndim}: {tuple(ids.shape)}")
+    if ids.is_floating_point():
+        raise ValueError(f"ids must be integer token ids, got dtype {ids.dtype}")
+    if ids.shape[1] > max_positions:
+        raise ValueError(f"ids have {ids.shape[1]} tokens, more than the {max_positions} "
+                         "positions the model has")

@@ -25,6 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from ldm.kernels import attention
+from ldm.models.clip_text import check_token_ids
 
 
 @dataclass(frozen=True)
@@ -133,18 +134,9 @@ class OpenCLIPTextModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((), math.log(1 / 0.07)))
 
     def forward(self, ids, layers=None):
-        self._check_ids(ids)
+        check_token_ids(ids, self.cfg.max_positions)
         layers = self.cfg.layers - self.cfg.skip_last if layers is None else layers
         x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]  # (B, T, C)
         for block in self.transformer.resblocks[:layers]:
             x = block(x)
         return self.ln_final(x)
-
-    def _check_ids(self, ids):
-        if ids.ndim != 2:
-            raise ValueError(f"ids must have shape (B, T), got rank {ids.ndim}: {tuple(ids.shape)}")
-        if ids.is_floating_point():
-            raise ValueError(f"ids must be integer token ids, got dtype {ids.dtype}")
-        if ids.shape[1] > self.cfg.max_positions:
-            raise ValueError(f"ids have {ids.shape[1]} tokens, more than the "
-                             f"{self.cfg.max_positions} positions the model has")
