@@ -151,12 +151,16 @@ def new_state(model_config, train_config):
     return TrainingState(pipe, EMA(pipe.unet, train_config.ema_decay))
 
 
-def train(model_config, train_config, data, checkpoint_path=None, progress=True):
+def train(model_config, train_config, data, checkpoint_path=None, progress=True,
+          on_step=None):
     """Train both stages (or what is left of them after the checkpoint), return the state.
 
     data(batch_size, generator) -> an object with `.images` (B, 3, H, W) in [-1, 1] and
     `.captions` (B str). When torch.distributed is initialised, trains data-parallel; only
     rank 0 writes `checkpoint_path` (every `checkpoint_every` steps and at the end).
+    on_step(stage, step, loss, state), after every optimisation step on every rank: stage is
+    "autoencoder" or "diffusion", step counts both stages (1 after the first), loss is this
+    rank's float; for logging, or sampling from `state.pipe` / `state.ema` along the way.
     """
     path = None if checkpoint_path is None else Path(checkpoint_path)
     if path is not None and path.exists():
@@ -167,7 +171,7 @@ def train(model_config, train_config, data, checkpoint_path=None, progress=True)
     for module in state.pipe.networks().values():
         # Small-channel convolutions run several times faster on CPU in this layout.
         module.to(memory_format=torch.channels_last).train()
-    trainer = _Trainer(state, train_config, data, path, progress)
+    trainer = _Trainer(state, train_config, data, path, progress, on_step)
     if state.step < train_config.vae_steps:
         trainer.train_autoencoder()
     if state.step < train_config.total_steps:
@@ -179,8 +183,9 @@ def train(model_config, train_config, data, checkpoint_path=None, progress=True)
 class _Trainer:
     """The two training loops of `train`, sharing the state, the data and the checkpointing."""
 
-    def __init__(self, state, config, data, path, progress):
+    def __init__(self, state, config, data, path, progress, on_step=None):
         self.state, self.config, self.data, self.path = state, config, data, path
+        self.on_step = on_step
         self.rank, self.world = _world()
         if config.vae_batch % self.world or config.batch % self.world:
             raise ValueError(f"batch sizes {config.vae_batch}, {config.batch} must be multiples "
@@ -225,6 +230,8 @@ class _Trainer:
             state.step = step + 1
             state.optimizer_state, state.optimizer_stage = optimizer.state_dict(), stage
             bar.update(state.step, loss.item())
+            if self.on_step is not None:
+                self.on_step(stage, state.step, loss.item(), state)
             if state.step % c.checkpoint_every == 0 and state.step < last:
                 self.save()
         bar.close()

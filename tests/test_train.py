@@ -61,7 +61,12 @@ def _losses(pipe):
 def test_both_losses_fall():
     config = dataclasses.replace(FEW_STEPS, vae_steps=15, steps=15, vae_lr=1e-2, lr=1e-2)
     before = _losses(train.new_state(MICRO, config).pipe)
-    after = _losses(train.train(MICRO, config, shapes.training_batch, progress=False).pipe)
+    seen = []
+    state = train.train(MICRO, config, shapes.training_batch, progress=False,
+                        on_step=lambda stage, step, loss, state: seen.append((stage, step)))
+    after = _losses(state.pipe)
+    assert seen == [("autoencoder", n) for n in range(1, 16)] + \
+        [("diffusion", n) for n in range(16, 31)]  # the hook: every step, both stages
     # Measured: 2.11 -> 1.75 and 1.00 (the zero-initialised U-Net predicts ε = 0) -> 0.55.
     assert after[0] < 0.9 * before[0], f"autoencoder loss {before[0]:.3f} -> {after[0]:.3f}"
     assert after[1] < 0.8 * before[1], f"diffusion loss {before[1]:.3f} -> {after[1]:.3f}"
