@@ -87,6 +87,28 @@ def test_ddpm_matches_diffusers(steps):
     assert rel_error(out, ref) < 1e-10
 
 
+def test_v_prediction_ddpm_matches_diffusers():
+    """DDPM over all 1000 steps with a v-model through eps_from_v, against DDPMScheduler
+    (prediction_type="v_prediction") given the raw v and the same noise."""
+    toy, context, x = toy_eps_fn(seed=41), randn(42, 2, 4, 5, 5), randn(43, 2, 4, 5, 5)
+
+    def v_model(x, t, context):
+        return toy(x, t) + context
+
+    eps_fn = lambda x, t: eps_from_v(v_model, AC)(x, t, context)  # noqa: E731
+    out = sample_ddpm(eps_fn, x, torch.arange(999, -1, -1), AC,
+                      generator=torch.Generator().manual_seed(44))
+    sched = DDPMScheduler(**SD_SCHEDULE, variance_type="fixed_small",
+                          prediction_type="v_prediction")
+    sched.alphas_cumprod = AC.clone()
+    sched.set_timesteps(1000)
+    g, ref = torch.Generator().manual_seed(44), x
+    for t in sched.timesteps:
+        v = v_model(ref, torch.full((2,), int(t)), context)
+        ref = sched.step(v, t, ref, generator=g).prev_sample
+    assert rel_error(out, ref) < 1e-10
+
+
 def test_ddim_with_eta_one_is_ddpm_over_the_same_steps():
     """DDIM paper §4.1: η = 1 gives DDPM's posterior. Both draw one z per step from the same
     generator; only the last step differs (DDIM goes to alphā_0 with noise, DDPM to 1 without)."""
