@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.kernels.group_norm import kernel_backend
-from ldm.kernels.lazy_triton import jit_on_first_use
+from ldm.kernels.lazy_triton import check_launchable, jit_on_first_use
 
 triton = tl = None  # set by jit_on_first_use() on first use; the kernel finds `tl` here
 
@@ -80,12 +80,7 @@ def _load_kernel():
 
 def _geglu_triton(h):
     kernel = _load_kernel()
-    if h.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"the Triton geglu takes float16, bfloat16 or float32, got {h.dtype}")
-    if not h.is_cuda and type(kernel).__name__ != "InterpretedFunction":
-        raise RuntimeError(f"the Triton geglu got a tensor on {h.device}: it runs on a CUDA "
-                           "GPU, or on the CPU only under TRITON_INTERPRET=1 (set before Triton "
-                           "is first imported)")
+    check_launchable(h, kernel, "geglu")
     inner = h.shape[-1] // 2
     rows = h.reshape(-1, 2 * inner) if h.stride(-1) == 1 else h.contiguous().view(-1, 2 * inner)
     out = torch.empty(h.shape[:-1] + (inner,), dtype=h.dtype, device=h.device)

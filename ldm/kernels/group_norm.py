@@ -53,7 +53,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ldm.kernels.lazy_triton import jit_on_first_use
+from ldm.kernels.lazy_triton import check_launchable, jit_on_first_use
 
 BACKENDS = ("triton", "torch")
 triton = tl = None  # set by jit_on_first_use() on first use; the kernels find `tl` here
@@ -181,12 +181,7 @@ def _load_kernels():
 def _group_norm_silu_triton(x, num_groups, weight, bias, eps, silu, split=None):
     """The two launches. `split`: chunks per group (default: enough programs for the GPU)."""
     stats_kernel, apply_kernel = _load_kernels()
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"the Triton group norm takes float16, bfloat16 or float32, got {x.dtype}")
-    if not x.is_cuda and type(stats_kernel).__name__ != "InterpretedFunction":
-        raise RuntimeError(f"the Triton group norm got a tensor on {x.device}: it runs on a CUDA "
-                           "GPU, or on the CPU only under TRITON_INTERPRET=1 (set before Triton "
-                           "is first imported)")
+    check_launchable(x, stats_kernel, "group norm")
     channels_last = _is_channels_last(x)
     if not channels_last:
         x = x.contiguous()
