@@ -18,13 +18,18 @@ PREDICTIONS = ("eps", "v")
 def eps_from_v(v_model, alphas_cumprod):
     """eps_model(x, t, context) -> ε, from v_model(x, t, context) -> v.
 
-    The coefficients are gathered on x's device from t (no host sync), computed in float64 and
-    cast to x's dtype.
+    √ᾱ and √(1−ᾱ) are computed once in float64, moved to x's device and dtype on the first call
+    (not at every step), and gathered there from t: no host sync in the sampling loop.
     """
     alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    sqrt_a, sqrt_1ma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()  # (T,) each
+    tables = {}  # (device, dtype) -> the two tables there
 
     def eps_model(x, t, context):
         v = v_model(x, t, context)
-        a = alphas_cumprod.to(x.device)[t].reshape(-1, *[1] * (x.ndim - 1))  # (B, 1, 1, 1)
-        return a.sqrt().to(x.dtype) * v + (1 - a).sqrt().to(x.dtype) * x
+        key = (x.device, x.dtype)
+        if key not in tables:
+            tables[key] = (sqrt_a.to(*key), sqrt_1ma.to(*key))
+        a, b = (table[t].reshape(-1, *[1] * (x.ndim - 1)) for table in tables[key])  # (B,1,1,1)
+        return a * v + b * x
     return eps_model
