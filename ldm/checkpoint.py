@@ -86,7 +86,7 @@ def name_map(models, *, use_ema=False, text_prefix=PREFIXES["text_encoder"]):
 @dataclass
 class Checkpoint:
     """An opened checkpoint: tensor shapes known up front, tensors read one by one."""
-    path: Path
+    path: Path | str    # the file, or STATE_DICT for tensors handed over in memory
     shapes: dict        # original name -> tuple shape
     read: callable      # original name -> torch.Tensor (on CPU, as stored)
     config_json: str | None = None
@@ -107,6 +107,19 @@ def open_checkpoint(path):
     if len(head) == 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
         return _open_safetensors(path)
     raise CheckpointError(path, "is neither a safetensors file nor a torch .ckpt (zip) file")
+
+
+STATE_DICT = "state dict"
+
+
+def open_state_dict(tensors):
+    """Tensors already in memory, {original name: tensor}, seen as a checkpoint (no file).
+
+    Non-tensor entries are skipped as in a .ckpt; the tensors are handed on, not copied.
+    """
+    tensors = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    return Checkpoint(STATE_DICT, shapes, tensors.__getitem__)
 
 
 def _open_safetensors(path):

@@ -4,6 +4,7 @@ The file format and the name map live in `ldm/checkpoint.py`; this module decide
 file holds, builds it on the meta device (no memory, no init time) and fills it tensor by tensor.
 """
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -21,18 +22,17 @@ def load(path=None, *, device="cpu", dtype=torch.float32, use_ema=True, strict=F
          config=None):
     """Load an original-layout checkpoint (.safetensors or .ckpt) into a `StableDiffusion`.
 
-    path: the file; None loads the small model shipped in weights/.
+    path: the file; or a dict {original name: tensor} already in memory (its tensors are used as
+    they are where dtype and device already match); None loads the small model shipped in weights/.
     use_ema: when the file holds EMA copies of the U-Net (`model_ema.*`), load those.
     strict: refuse files with unexpected tensors instead of warning.
     config: a preset name or ModelConfig to use instead of the one detected from the file: SD
     2.x files do not say whether they predict v (768-v, preset "sd21") or ε (512 "base",
-    "sd21-base"); detection goes by the file name ("512" or "base" in it: ε), else v.
+    "sd21-base"); detection goes by the file name ("512" or "base" in it: ε), else v (a dict
+    has no name: v).
     Raises CheckpointError (naming the file and each missing/misshapen tensor) on bad files.
     """
-    path = DEFAULT_CHECKPOINT if path is None else Path(path)
-    if path == DEFAULT_CHECKPOINT and not path.exists():
-        raise FileNotFoundError(f"no checkpoint named, and the default model {path} is not there")
-    ckpt = checkpoint.open_checkpoint(path)
+    ckpt = _open(path)
     config = detect_config(ckpt) if config is None else _preset(config)
     with torch.device("meta"):
         pipe = StableDiffusion(config)
@@ -78,9 +78,19 @@ def detect_config(ckpt):
         raise CheckpointError(ckpt.path, f"has a U-Net with {first_conv[1]} input channels "
                               f"({'SD 2.x' if sd2 else 'SD 1.x'}); ldm knows 4 (text to image) "
                               "and 9 (inpainting)")
-    if family == "sd21" and re.search(r"(?<!\d)512(?!\d)|base", ckpt.path.name, re.I):
+    file_name = ckpt.path.name if isinstance(ckpt.path, Path) else ""
+    if family == "sd21" and re.search(r"(?<!\d)512(?!\d)|base", file_name, re.I):
         family = "sd21-base"
     return PRESETS[family]
+
+
+def _open(path):
+    if isinstance(path, Mapping):
+        return checkpoint.open_state_dict(path)
+    path = DEFAULT_CHECKPOINT if path is None else Path(path)
+    if path == DEFAULT_CHECKPOINT and not path.exists():
+        raise FileNotFoundError(f"no checkpoint named, and the default model {path} is not there")
+    return checkpoint.open_checkpoint(path)
 
 
 def _preset(config):

@@ -149,6 +149,21 @@ def test_load_casts_and_places_every_tensor(tiny, tmp_path):
     assert not any(b.is_meta for b in pipe.buffers())
 
 
+def test_a_state_dict_in_memory_loads_like_its_file(tiny, tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    ldm.save(tiny, path)
+    ckpt = checkpoint.open_checkpoint(path)
+    tensors = {name: ckpt.read(name) for name in ckpt.shapes}
+    tensors["global_step"] = 470000  # a non-tensor entry, as Lightning keeps beside the weights
+    loaded = ldm.load(tensors, config=tiny.config)
+    assert_same_weights(loaded, tiny)
+    out_conv = "model.diffusion_model.out.2.weight"
+    assert loaded.unet.state_dict()["out.2.weight"].data_ptr() == tensors[out_conv].data_ptr()
+    del tensors[out_conv]
+    with pytest.raises(ldm.CheckpointError, match=rf"^state dict: 1 missing.*{out_conv}"):
+        ldm.load(tensors, config=tiny.config)
+
+
 def rewrite(path, out, edit):
     """Copy a safetensors checkpoint with `edit(dict)` applied to its tensors (no metadata)."""
     with safe_open(str(path), "pt") as f:
