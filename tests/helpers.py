@@ -1,9 +1,12 @@
 """Shared test utilities: the real checkpoint manifests, random weights, relative error."""
 import gzip
 import json
+import shutil
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
 from ldm.config import PRESETS, ModelConfig
@@ -50,6 +53,29 @@ def rel_error(out, ref):
     """‖out − ref‖ / ‖ref‖, computed in float64."""
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm()).item()
+
+
+@contextmanager
+def large_temporary_file(path, write, nbytes):
+    """`write(path)`, yield the path, then delete the file.
+
+    The full-size parity tests keep at most one checkpoint (4-5 GB) on disk at a time this way;
+    where the disk has not that much room, the test is skipped with a message that says so.
+    """
+    free = shutil.disk_usage(path.parent).free
+    if free < nbytes + 2**30:  # a GiB to spare for everything else
+        pytest.skip(f"a full-size checkpoint needs {nbytes / 2**30:.1f} GiB in {path.parent}, "
+                    f"which has {free / 2**30:.1f} GiB free")
+    try:
+        write(path)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def tensor_bytes(tensors):
+    """Bytes taken by the tensors of a state dict."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def write_clip_vocab_files(folder):

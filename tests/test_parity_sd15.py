@@ -1,12 +1,12 @@
-"""Full-size SD 1.5 parity: `ldm.load` on an original-layout file vs diffusers / transformers.
+"""Full-size SD 1.5 parity: `ldm.load` on an original-layout checkpoint vs diffusers / transformers.
 
-A random checkpoint is written with exactly the tensor names, shapes and dtypes of the released
-v1-5-pruned-emaonly (from ../shared/manifests), as .safetensors and as a Lightning-style .ckpt.
-The references get the same tensors through diffusers' own original-to-diffusers converters, so
-the name map is checked by code nobody here wrote. fp32 on CPU, random inputs, fresh seeds.
+A random checkpoint has exactly the tensor names, shapes and dtypes of the released
+v1-5-pruned-emaonly (from ../shared/manifests); it is loaded from memory, and written as
+.safetensors and as a Lightning-style .ckpt to show the files load the same (one 4.3 GB file on
+disk at a time). The references get the same tensors through diffusers' own original-to-diffusers
+converters, so the name map is checked by code nobody here wrote. fp32 on CPU, random inputs,
+fresh seeds.
 """
-import gc
-
 import numpy as np
 
 import pytest
@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 import ldm
 from ldm import schedule
 
-from helpers import read_manifest, rel_error, write_clip_vocab_files
+from helpers import (large_temporary_file, read_manifest, rel_error, tensor_bytes,
+                     write_clip_vocab_files)
 
 pytestmark = pytest.mark.slow
 diffusers = pytest.importorskip("diffusers")
@@ -40,9 +41,10 @@ def random_tensor(name, shape, dtype, g):
 
 
 @pytest.fixture(scope="module")
-def sd15_files(tmp_path_factory):
-    seed = int(torch.randint(1 << 30, ()))
-    g = torch.Generator().manual_seed(seed)
+def sd15_tensors():
+    """A random state dict with the release's names, shapes and dtypes, kept in memory (4.3 GB):
+    the tests that need it on disk write it themselves and delete it, one file at a time."""
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
     tensors = {name: random_tensor(name, shape, dtype, g)
                for name, (shape, dtype) in read_manifest("sd15_emaonly").items()}
     tensors.update(schedule.checkpoint_buffers())
@@ -50,27 +52,21 @@ def sd15_files(tmp_path_factory):
         torch.arange(77).unsqueeze(0)
     tensors["model_ema.decay"] = torch.tensor(0.9999)
     tensors["model_ema.num_updates"] = torch.tensor(470000, dtype=torch.int32)
-    folder = tmp_path_factory.mktemp("sd15")
-    paths = {"safetensors": folder / "v1-5-random.safetensors",
-             "ckpt": folder / "v1-5-random.ckpt"}
-    save_file(tensors, str(paths["safetensors"]), metadata={"format": "pt"})
-    torch.save({"state_dict": tensors, "global_step": 470000, "epoch": 5}, paths["ckpt"])
-    del tensors
-    gc.collect()
-    return paths
+    return tensors
 
 
 @pytest.fixture(scope="module")
-def pipe(sd15_files):
-    return ldm.load(sd15_files["safetensors"])
+def pipe(sd15_tensors):
+    pipe = ldm.load(sd15_tensors)  # the tensors are used as they are: no second copy
+    assert pipe.config == ldm.PRESETS["sd15"]
+    return pipe
 
 
-def original_tensors(path, prefix):
-    with safe_open(str(path), "pt") as f:
-        return {name: f.get_tensor(name) for name in f.keys() if name.startswith(prefix)}
+def original_tensors(tensors, prefix):
+    return {name: t for name, t in tensors.items() if name.startswith(prefix)}
 
 
-def reference_unet(path):
+def reference_unet(tensors):
     config = dict(
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
@@ -79,29 +75,30 @@ def reference_unet(path):
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
     model = diffusers.UNet2DConditionModel(**config)
     weights = convert.convert_ldm_unet_checkpoint(
-        original_tensors(path, "model.diffusion_model."), config)
+        original_tensors(tensors, "model.diffusion_model."), config)
     model.load_state_dict(weights, strict=True)
     return model.eval()
 
 
-def reference_vae(path):
+def reference_vae(tensors):
     config = dict(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     model = diffusers.AutoencoderKL(**config)
-    weights = convert.convert_ldm_vae_checkpoint(original_tensors(path, "first_stage_model."), config)
+    weights = convert.convert_ldm_vae_checkpoint(
+        original_tensors(tensors, "first_stage_model."), config)
     model.load_state_dict(weights, strict=True)
     return model.eval()
 
 
-def reference_text_encoder(path):
+def reference_text_encoder(tensors):
     config = transformers.CLIPTextConfig(
         vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
         layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
     model = transformers.CLIPTextModel(config)
-    weights = convert.convert_ldm_clip_checkpoint(original_tensors(path, "cond_stage_model."))
+    weights = convert.convert_ldm_clip_checkpoint(original_tensors(tensors, "cond_stage_model."))
     if not hasattr(model, "text_model"):  # transformers 5 dropped the `text_model.` level
         weights = {name.removeprefix("text_model."): w for name, w in weights.items()}
     # position_ids is a non-persistent buffer in transformers: not a weight.
@@ -111,13 +108,13 @@ def reference_text_encoder(path):
 
 
 @torch.no_grad()
-def test_unet_matches_diffusers(pipe, sd15_files):
+def test_unet_matches_diffusers(pipe, sd15_tensors):
     g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
     x = torch.randn(2, 4, 32, 32, generator=g)
     t = torch.randint(0, 1000, (2,), generator=g)
     context = torch.randn(2, 77, 768, generator=g)
     ours = pipe.unet(x, t, context)
-    reference = reference_unet(sd15_files["safetensors"])
+    reference = reference_unet(sd15_tensors)
     expected = reference(x, t, encoder_hidden_states=context).sample
     error = rel_error(ours, expected)
     print(f"U-Net relative error vs diffusers: {error:.2e}")
@@ -125,11 +122,11 @@ def test_unet_matches_diffusers(pipe, sd15_files):
 
 
 @torch.no_grad()
-def test_vae_matches_diffusers(pipe, sd15_files):
+def test_vae_matches_diffusers(pipe, sd15_tensors):
     g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
     images = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
     latents = torch.randn(1, 4, 8, 8, generator=g)
-    reference = reference_vae(sd15_files["safetensors"])
+    reference = reference_vae(sd15_tensors)
     mean_error = rel_error(pipe.vae.encode(images).mean,
                            reference.encode(images).latent_dist.mean)
     decode_error = rel_error(pipe.vae.decode(latents), reference.decode(latents).sample)
@@ -139,53 +136,63 @@ def test_vae_matches_diffusers(pipe, sd15_files):
 
 
 @torch.no_grad()
-def test_text_encoder_matches_transformers(pipe, sd15_files):
+def test_text_encoder_matches_transformers(pipe, sd15_tensors):
     ids = pipe.tokenizer(["a photo of an astronaut riding a horse on mars",
                           "Ölgemälde einer Katze, 4k, trending on artstation 🐈"])
     g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
     random_ids = torch.randint(0, 49406, (1, 77), generator=g)
     ids = torch.cat([ids, random_ids])
-    reference = reference_text_encoder(sd15_files["safetensors"])
+    reference = reference_text_encoder(sd15_tensors)
     error = rel_error(pipe.text_encoder(ids), reference(ids).last_hidden_state)
     print(f"text encoder relative error vs transformers: {error:.2e}")
     assert error <= TOLERANCE
 
 
-def test_ckpt_and_safetensors_load_the_same_tensors(pipe, sd15_files):
-    from_ckpt = ldm.load(sd15_files["ckpt"])
-    ours = pipe.state_dict()
-    theirs = from_ckpt.state_dict()
-    assert ours.keys() == theirs.keys()
-    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
-    del from_ckpt
+WRITERS = {
+    "safetensors": lambda tensors, path: save_file(tensors, str(path), metadata={"format": "pt"}),
+    # A Lightning checkpoint: the weights under "state_dict", training counters beside them.
+    "ckpt": lambda tensors, path: torch.save(
+        {"state_dict": tensors, "global_step": 470000, "epoch": 5}, path),
+}
 
 
-def test_full_size_save_round_trip(pipe, sd15_files, tmp_path):
-    out = tmp_path / "resaved.safetensors"
-    ldm.save(pipe, out)
-    with safe_open(str(sd15_files["safetensors"]), "pt") as original, \
-            safe_open(str(out), "pt") as resaved:
-        missing = set(original.keys()) - set(resaved.keys())
-        assert missing == {"model_ema.decay", "model_ema.num_updates"}
+@pytest.mark.parametrize("suffix", WRITERS)
+def test_full_size_file_loads_the_same_tensors(pipe, sd15_tensors, tmp_path, suffix):
+    path = tmp_path / f"v1-5-random.{suffix}"
+    write = WRITERS[suffix]
+    with large_temporary_file(path, lambda p: write(sd15_tensors, p), tensor_bytes(sd15_tensors)):
+        from_file = ldm.load(path)
+        assert from_file.config == pipe.config
+        ours, theirs = pipe.state_dict(), from_file.state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+        del from_file, theirs  # the file stays memory-mapped, its disk space taken, until then
+
+
+def test_full_size_save_round_trip(pipe, sd15_tensors, tmp_path):
+    path = tmp_path / "resaved.safetensors"
+    with large_temporary_file(path, lambda p: ldm.save(pipe, p), tensor_bytes(sd15_tensors)), \
+            safe_open(str(path), "pt") as resaved:
+        assert set(sd15_tensors) - set(resaved.keys()) == {"model_ema.decay",
+                                                           "model_ema.num_updates"}
         for name in resaved.keys():
-            assert torch.equal(original.get_tensor(name), resaved.get_tensor(name)), name
+            assert torch.equal(sd15_tensors[name], resaved.get_tensor(name)), name
 
 
 @torch.no_grad()
-def test_ddim_txt2img_matches_diffusers_pipeline(pipe, sd15_files, tmp_path):
+def test_ddim_txt2img_matches_diffusers_pipeline(pipe, sd15_tensors, tmp_path):
     """Issue 3's end-to-end check: the same latents through our DDIM txt2img and diffusers'
     StableDiffusionPipeline with a DDIMScheduler configured like the original; mean absolute
     pixel difference at most 1 of 255."""
-    path = sd15_files["safetensors"]
     scheduler = diffusers.DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
     tokenizer = transformers.CLIPTokenizer.from_pretrained(
         write_clip_vocab_files(tmp_path), pad_token="<|endoftext|>", model_max_length=77)
     reference = diffusers.StableDiffusionPipeline(
-        vae=reference_vae(path), text_encoder=reference_text_encoder(path), tokenizer=tokenizer,
-        unet=reference_unet(path), scheduler=scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+        vae=reference_vae(sd15_tensors), text_encoder=reference_text_encoder(sd15_tensors),
+        tokenizer=tokenizer, unet=reference_unet(sd15_tensors), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     reference.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
     latents = torch.randn(1, 4, 32, 32, generator=g)

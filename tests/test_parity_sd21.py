@@ -1,19 +1,18 @@
-"""Full-size SD 2.1 (768-v) parity: `ldm.load` on an original-layout file vs diffusers.
+"""Full-size SD 2.1 (768-v) parity: `ldm.load` on original-layout tensors vs diffusers.
 
-A random checkpoint with exactly the tensor names, shapes and dtypes of the released
-v2-1_768-ema-pruned (../shared/manifests/sd21_768v.tsv) is loaded by ldm and, through diffusers'
-own original-to-diffusers converters, into diffusers' StableDiffusionPipeline with a DDIM
-scheduler predicting v as the original's 768-v config does. Everything SD 2 adds is on the path:
-the OpenCLIP text encoder's penultimate layer and 0-padding, the U-Net's 64-wide heads and linear
-projections, v-prediction. fp32 on CPU, random inputs, fresh seeds.
+A random state dict with exactly the tensor names, shapes and dtypes of the released
+v2-1_768-ema-pruned (../shared/manifests/sd21_768v.tsv) is loaded by ldm from memory (the SD 1.5
+parity shows that files load as their tensors) and, through diffusers' own original-to-diffusers
+converters, into diffusers' StableDiffusionPipeline with a DDIM scheduler predicting v as the
+original's 768-v config does. Everything SD 2 adds is on the path: the OpenCLIP text encoder's
+penultimate layer and 0-padding, the U-Net's 64-wide heads and linear projections,
+v-prediction. fp32 on CPU, random inputs, fresh seeds.
 """
-import gc
 import re
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import ldm
 from ldm import schedule
@@ -34,22 +33,18 @@ def random_sd21_tensor(name, shape, dtype, g):
     return random_tensor(name, shape, dtype, g)
 
 
-@pytest.fixture(scope="module")
-def sd21_file(tmp_path_factory):
+def sd21_tensors():
+    """A random state dict with the release's names, shapes and dtypes (5.2 GB, kept in memory)."""
     g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
     tensors = {name: random_sd21_tensor(name, shape, dtype, g)
                for name, (shape, dtype) in read_manifest("sd21_768v").items()}
     tensors.update(schedule.checkpoint_buffers())
     tensors["model_ema.decay"] = torch.tensor(0.9999)
     tensors["model_ema.num_updates"] = torch.tensor(1, dtype=torch.int32)
-    path = tmp_path_factory.mktemp("sd21") / "v2-1_768-random.safetensors"  # "768": v-prediction
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    del tensors
-    gc.collect()
-    return path
+    return tensors
 
 
-def reference_pipeline(path, folder):
+def reference_pipeline(tensors, folder):
     """diffusers' StableDiffusionPipeline from the same file, components converted by diffusers."""
     unet_config = dict(
         sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
@@ -60,17 +55,17 @@ def reference_pipeline(path, folder):
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
     unet = diffusers.UNet2DConditionModel(**unet_config)
     unet.load_state_dict(convert.convert_ldm_unet_checkpoint(
-        original_tensors(path, "model.diffusion_model."), unet_config), strict=True)
+        original_tensors(tensors, "model.diffusion_model."), unet_config), strict=True)
     vae_config = dict(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     vae = diffusers.AutoencoderKL(**vae_config)
     vae.load_state_dict(convert.convert_ldm_vae_checkpoint(
-        original_tensors(path, "first_stage_model."), vae_config), strict=True)
+        original_tensors(tensors, "first_stage_model."), vae_config), strict=True)
     # The converter leaves out the 24th block (SD 2 conditions on the 23rd) and the projection.
     text_weights = convert.convert_open_clip_checkpoint(
-        None, original_tensors(path, "cond_stage_model.model."))
+        None, original_tensors(tensors, "cond_stage_model.model."))
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
         num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
@@ -94,12 +89,14 @@ def reference_pipeline(path, folder):
 
 
 @torch.no_grad()
-def test_sd21_v_prediction_txt2img_matches_diffusers(sd21_file, tmp_path):
+def test_sd21_v_prediction_txt2img_matches_diffusers(tmp_path):
     """The same starting latents, prompt and negative prompt through 4 DDIM steps with guidance:
     final latents within 1e-5 (relative), decoded images within 1/255 on average."""
-    ours = ldm.load(sd21_file)
-    assert ours.config == ldm.PRESETS["sd21"]  # told SD 2 by shapes, v by the file name
-    reference = reference_pipeline(sd21_file, tmp_path)
+    tensors = sd21_tensors()
+    ours = ldm.load(tensors)  # uses the tensors as they are: no second copy
+    assert ours.config == ldm.PRESETS["sd21"]  # told SD 2 by shapes; v, as a dict has no name
+    reference = reference_pipeline(tensors, tmp_path)
+    del tensors
     g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
     latents = torch.randn(1, 4, 32, 32, generator=g)
     # No "!" in the prompts: transformers makes the pad token "!" a special token, so it reads
