@@ -9,30 +9,54 @@ def add_noise(x0, noise, t, alphas_cumprod):
     """x_t = sqrt(alphā_t) x0 + sqrt(1 - alphā_t) noise: a sample of q(x_t | x_0) (DDPM eq. 4).
 
     img2img and inpainting use it to put a clean latent at the level of their first timestep.
-    t: an int (same step for the whole batch) or a (B,) int64 tensor (one step per image).
+    t: an int (same step for the whole batch) or a (B,) int64 tensor (one step per image);
+    fractional steps (a float, a float tensor) are interpolated as alphas_at does.
     The coefficients are computed in float64, then cast to x0's dtype and device.
     """
-    a = torch.as_tensor(alphas_cumprod, dtype=torch.float64)[torch.as_tensor(t).cpu()]
+    a = alphas_at(t, alphas_cumprod).cpu()
     a = a.reshape(-1, *[1] * (x0.ndim - 1)).to(x0.device, x0.dtype)  # (B or 1, 1, 1, 1)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
-def check_timesteps(timesteps, alphas_cumprod):
-    """The timesteps as a list of Python ints, after checking they can be sampled.
+def alphas_at(t, alphas_cumprod):
+    """ᾱ_t in float64 on t's device; the table's value at integer t. At a fractional t (the
+    Euler and DPM++ samplers' Karras steps) log σ_t, σ_t = √((1−ᾱ_t)/ᾱ_t), is interpolated
+    linearly between the neighbouring trained steps, as k-diffusion's DiscreteSchedule does."""
+    t = torch.as_tensor(t, dtype=torch.float64) if isinstance(t, float) else torch.as_tensor(t)
+    if not t.is_floating_point():
+        return torch.as_tensor(alphas_cumprod, dtype=torch.float64).to(t.device)[t]
+    log_sigmas = sigmas_of(alphas_cumprod).log().to(t.device)
+    low = t.floor().long().clamp(0, len(log_sigmas) - 2)
+    w = t.double() - low
+    log_sigma = (1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]
+    return 1 / (1 + (2 * log_sigma).exp())  # ᾱ = 1 / (1 + σ²)
+
+
+def sigmas_of(alphas_cumprod):
+    """σ_t = √((1−ᾱ_t)/ᾱ_t) for every trained step, (T,) float64: the noise-to-signal ratio."""
+    a = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    return ((1 - a) / a).sqrt()
+
+
+def check_timesteps(timesteps, alphas_cumprod, fractional=False):
+    """The timesteps as a list of Python numbers (ints, unless `fractional` allows floats),
+    after checking they can be sampled.
 
     Converting once up front means the loops do their scalar math on the host in float64
     (Python floats) and never wait on the device.
     Raises ValueError unless timesteps is a non-empty 1-D sequence, strictly descending,
-    within [0, len(alphas_cumprod)).
+    within [0, len(alphas_cumprod) - 1], of integers (or of any numbers if `fractional`).
     """
     ts = torch.as_tensor(timesteps).cpu()
-    if ts.ndim != 1 or len(ts) == 0 or ts.is_floating_point():
-        raise ValueError(f"timesteps must be a non-empty 1-D integer sequence, got {timesteps!r}")
+    kind = "" if fractional else "integer "
+    if ts.ndim != 1 or len(ts) == 0 or (ts.is_floating_point() and not fractional):
+        raise ValueError(f"timesteps must be a non-empty 1-D {kind}sequence, got {timesteps!r}")
     ts = ts.tolist()
     if any(a <= b for a, b in zip(ts, ts[1:])):
         raise ValueError(f"timesteps must be strictly descending, got {ts}")
-    if ts[-1] < 0 or ts[0] >= len(alphas_cumprod):
-        raise ValueError(f"timesteps must lie in [0, {len(alphas_cumprod)}), got {ts[0]} … {ts[-1]}")
+    last = len(alphas_cumprod) - 1
+    if ts[-1] < 0 or ts[0] > last:
+        raise ValueError(f"timesteps must lie in [0, {last}], got {ts[0]} … {ts[-1]}")
     return ts
 
 

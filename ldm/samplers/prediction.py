@@ -8,9 +8,11 @@ x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε that gives
                                           this ε is the same, up to rounding)
 so wrapping the model is all it takes.
 
-Shapes: x (B, C, h, w), t (B,) int64, v and ε like x.
+Shapes: x (B, C, h, w), t (B,) int64 (or float: fractional steps), v and ε like x.
 """
 import torch
+
+from ldm.samplers.common import alphas_at
 
 PREDICTIONS = ("eps", "v")
 
@@ -18,18 +20,17 @@ PREDICTIONS = ("eps", "v")
 def eps_from_v(v_model, alphas_cumprod):
     """eps_model(x, t, context) -> ε, from v_model(x, t, context) -> v.
 
-    √ᾱ and √(1−ᾱ) are computed once in float64, moved to x's device and dtype on the first call
-    (not at every step), and gathered there from t: no host sync in the sampling loop.
+    t: (B,) int64, or float for the fractional steps of the Euler / DPM++ samplers (ᾱ then
+    interpolated as common.alphas_at does). The schedule is copied to x's device once, not at
+    every step, and ᾱ_t gathered there: no host sync in the sampling loop.
     """
     alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-    sqrt_a, sqrt_1ma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()  # (T,) each
-    tables = {}  # (device, dtype) -> the two tables there
+    on_device = {}  # device -> alphas_cumprod there
 
     def eps_model(x, t, context):
         v = v_model(x, t, context)
-        key = (x.device, x.dtype)
-        if key not in tables:
-            tables[key] = (sqrt_a.to(*key), sqrt_1ma.to(*key))
-        a, b = (table[t].reshape(-1, *[1] * (x.ndim - 1)) for table in tables[key])  # (B,1,1,1)
-        return a * v + b * x
+        if x.device not in on_device:
+            on_device[x.device] = alphas_cumprod.to(x.device)
+        a = alphas_at(t, on_device[x.device]).reshape(-1, *[1] * (x.ndim - 1))  # (B, 1, 1, 1)
+        return a.sqrt().to(x.dtype) * v + (1 - a).sqrt().to(x.dtype) * x
     return eps_model

@@ -1,0 +1,82 @@
+"""The σ view of SD's schedule, which the Euler and DPM++ samplers step in (Karras et al. 2022,
+arXiv:2206.00364, "Elucidating the design space of diffusion-based generative models").
+
+SD's latent at step t is x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε. Divided by √ᾱ_t it becomes
+    x = x0 + σ_t ε,      σ_t = √((1−ᾱ_t) / ᾱ_t)        (σ from 0.029 at t = 0 to 14.6 at 999)
+and the network, fed x / √(σ²+1) = x_t, gives the denoised estimate
+    D(x, σ) = x − σ ε(x_t, t).
+Between the 1000 trained steps, t and σ are linked by linear interpolation of log σ, as
+k-diffusion's DiscreteSchedule does; a fractional t is what the U-Net is then given.
+
+Here every sampler takes and returns SD's x_t, like DDIM does (the pipeline, img2img and
+inpainting need not know); the σ-space x lives only inside the loop.
+Shapes: x (B, C, h, w); timesteps descending Python numbers; alphas_cumprod (T,) float64.
+"""
+import math
+
+import torch
+
+from ldm.samplers.common import alphas_at, check_timesteps, sigmas_of
+
+
+def sigma_to_t(sigma, alphas_cumprod):
+    """The fractional timestep whose interpolated σ is `sigma` (a float): alphas_at's inverse."""
+    log_sigmas = sigmas_of(alphas_cumprod).log()
+    log_sigma = math.log(sigma)
+    if not log_sigmas[0] <= log_sigma <= log_sigmas[-1]:
+        raise ValueError(f"σ = {sigma} lies outside the schedule's [{log_sigmas[0].exp():.4g}, "
+                         f"{log_sigmas[-1].exp():.4g}]")
+    low = min(int(torch.searchsorted(log_sigmas, log_sigma, right=True)) - 1, len(log_sigmas) - 2)
+    w = (log_sigma - log_sigmas[low].item()) / (log_sigmas[low + 1] - log_sigmas[low]).item()
+    return low + w
+
+
+def karras_timesteps(steps, alphas_cumprod, rho=7.0):
+    """(steps,) float64 fractional timesteps, descending, whose σ are Karras et al.'s eq. 5:
+    σ_i = (σ_max^(1/ρ) + i/(n−1) (σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, from the schedule's largest σ
+    to its smallest; ρ = 7 crowds the steps at low noise. ("DPM++ 2M Karras" and friends.)"""
+    if not isinstance(steps, int) or steps < 2:
+        raise ValueError(f"steps must be an integer >= 2 for Karras σ, got {steps!r}")
+    sigmas = sigmas_of(alphas_cumprod)
+    lo, hi = sigmas[0].item() ** (1 / rho), sigmas[-1].item() ** (1 / rho)
+    karras = [(hi + i / (steps - 1) * (lo - hi)) ** rho for i in range(steps)]
+    # The ends are the first and last trained steps; (σ^(1/ρ))^ρ may round past them.
+    ts = [len(sigmas) - 1.0] + [sigma_to_t(s, alphas_cumprod) for s in karras[1:-1]] + [0.0]
+    return torch.tensor(ts, dtype=torch.float64)
+
+
+def step_sigmas(timesteps, alphas_cumprod):
+    """The checked timesteps as Python numbers, and their σ with the final σ = 0 (clean)
+    appended: len(timesteps) + 1 floats."""
+    ts = check_timesteps(timesteps, alphas_cumprod, fractional=True)
+    fractional = any(isinstance(t, float) for t in ts)
+    alphas = alphas_at(torch.tensor(ts, dtype=torch.float64 if fractional else torch.long),
+                       alphas_cumprod).tolist()
+    return ts, [((1 - a) / a) ** 0.5 for a in alphas] + [0.0]
+
+
+def denoiser(eps_fn):
+    """D(x, σ, t) -> x0 estimate, from eps_fn(x_t, t) with t a (B,) tensor on x's device:
+    int64 at a trained step, else float (at least float32: float16 would round 978.6 to 978.5)."""
+    def denoise(x, sigma, t):
+        is_trained_step = float(t).is_integer()
+        dtype = torch.long if is_trained_step else torch.promote_types(x.dtype, torch.float32)
+        t = torch.full((x.shape[0],), int(t) if is_trained_step else t, dtype=dtype,
+                       device=x.device)
+        return x - sigma * eps_fn(x / (sigma ** 2 + 1) ** 0.5, t)
+    return denoise
+
+
+def to_sigma_space(x, sigma):
+    """SD's x_t -> x0 + σ ε (multiply by √(σ²+1) = 1/√ᾱ)."""
+    return x * (sigma ** 2 + 1) ** 0.5
+
+
+def report(callback, i, t, x, sigma_next, x0):
+    """Call callback(i, t, x_t, x0) with x back in SD's form at the next σ; a returned x_t
+    (inpainting's blend) comes back into σ space. Returns the σ-space x to continue from."""
+    if callback is None:
+        return x
+    scale = (sigma_next ** 2 + 1) ** 0.5
+    replaced = callback(i, t, x / scale, x0)
+    return x if replaced is None else replaced * scale
