@@ -96,9 +96,11 @@ class StableDiffusion(nn.Module):
         (B, 4, h, w) before the VAE ("latent"), or images (B, 3, H, W) in [-1, 1] ("tensor").
 
         prompt / negative_prompt: a string or a list (one per image); the negative prompt
-        replaces the empty prompt of classifier-free guidance. steps, sampler ("ddim", "plms",
-        "ddpm") and cfg_scale default to the model's `config.sampling` (SD: 50, DDIM, 7.5);
-        height/width to its native size. `seed` or a CPU `generator` fixes the noise (drawn on
+        replaces the empty prompt of classifier-free guidance. steps, sampler (one of SAMPLERS:
+        "ddim", "plms", "ddpm", "euler", "euler_a", "dpmpp_2m", the last three also with
+        "_karras" σ steps) and cfg_scale default to the model's `config.sampling` (SD: 50,
+        DDIM, 7.5), height/width to its native size. eta: DDIM's η (Euler a always adds its
+        full ancestral noise). `seed` or a CPU `generator` fixes the noise (drawn on
         the CPU in float32, then moved, so a seed means the same start on any device);
         `latents` (B, 4, h, w) gives the starting noise explicitly. `progress`: show a step
         counter on stderr (default: when stderr is a terminal); `callback(i, t, x, x0)` runs
@@ -176,9 +178,9 @@ class StableDiffusion(nn.Module):
         cfg_scale = defaults.cfg_scale if cfg_scale is None else cfg_scale
         _check_choice("sampler", sampler, SAMPLERS)
         _check_choice("output_type", output_type, OUTPUT_TYPES)
-        if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS[sampler]:
-            raise ValueError(f"steps must be an integer in [1, {MAX_STEPS[sampler]}] for "
-                             f"sampler {sampler!r}, got {steps!r}")
+        if not isinstance(steps, int) or not MIN_STEPS[sampler] <= steps <= MAX_STEPS[sampler]:
+            raise ValueError(f"steps must be an integer in [{MIN_STEPS[sampler]}, "
+                             f"{MAX_STEPS[sampler]}] for sampler {sampler!r}, got {steps!r}")
         if not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
         if eta < 0:
@@ -189,7 +191,8 @@ class StableDiffusion(nn.Module):
         uncond = self.encode_text(negatives).repeat_interleave(num_images, dim=0)
         return _Job(batch=cond.shape[0], cond=cond, uncond=uncond, cfg_scale=cfg_scale,
                     sampler=sampler, eta=eta, output_type=output_type,
-                    eps_model=self._unet_step(), timesteps=sampler_timesteps(sampler, steps))
+                    eps_model=self._unet_step(),
+                    timesteps=sampler_timesteps(sampler, steps, self.alphas_cumprod))
 
     def _unet_step(self):
         """The U-Net as the samplers call it: (x, t, context) -> ε, from CUDA graphs if asked."""
@@ -246,22 +249,19 @@ class StableDiffusion(nn.Module):
         if self.config.prediction == "v":  # outside the inpainting inputs: x is the 4-ch latent
             eps_model = samplers.eps_from_v(eps_model, self.alphas_cumprod)
         eps_fn = samplers.cfg(eps_model, job.cond, job.uncond, job.cfg_scale)
-        # The samplers draw their per-step noise (DDPM, DDIM with eta > 0) on the latents'
-        # device; seed a generator there from ours.
+        # The samplers draw their per-step noise (DDPM, Euler a, DDIM with eta > 0) on the
+        # latents' device; seed a generator there from ours.
         if self.device.type != "cpu":
             seed = int(torch.randint(2**62, (), generator=generator))
             generator = torch.Generator(self.device).manual_seed(seed)
         if progress is None:
             progress = sys.stderr.isatty()  # no \r-redrawn lines in logs and notebooks
         callback = _chain(callback, _progress_bar(len(timesteps)) if progress else None)
-        if job.sampler == "ddim":
-            x0 = samplers.sample_ddim(eps_fn, x, timesteps, self.alphas_cumprod, eta=job.eta,
-                                      generator=generator, callback=callback)
-        elif job.sampler == "plms":
-            x0 = samplers.sample_plms(eps_fn, x, timesteps, self.alphas_cumprod, callback=callback)
-        else:
-            x0 = samplers.sample_ddpm(eps_fn, x, timesteps, self.alphas_cumprod,
-                                      generator=generator, callback=callback)
+        sample = SAMPLE_FUNCTIONS[job.sampler.removesuffix("_karras")]
+        options = {"eta": job.eta} if sample is samplers.sample_ddim else {}
+        if sample in NOISY_SAMPLERS:
+            options["generator"] = generator
+        x0 = sample(eps_fn, x, timesteps, self.alphas_cumprod, callback=callback, **options)
         if job.output_type == "latent":
             return x0
         images = self.decode_latents(x0)
@@ -271,10 +271,20 @@ class StableDiffusion(nn.Module):
 # Text encoder and tokenizer of each family (ModelConfig.text_encoder): SD 1.x, SD 2.x.
 TEXT_ENCODERS = {"clip": (CLIPTextModel, CLIPTokenizer),
                  "open_clip": (OpenCLIPTextModel, CLIPTokenizer.open_clip)}
-SAMPLERS = ("ddim", "plms", "ddpm")
+SAMPLE_FUNCTIONS = {"ddim": samplers.sample_ddim, "plms": samplers.sample_plms,
+                    "ddpm": samplers.sample_ddpm, "euler": samplers.sample_euler,
+                    "euler_a": samplers.sample_euler_ancestral,
+                    "dpmpp_2m": samplers.sample_dpmpp_2m}
+# Those that draw fresh noise at every step (DDIM only with η > 0).
+NOISY_SAMPLERS = (samplers.sample_ddim, samplers.sample_ddpm, samplers.sample_euler_ancestral)
+# The σ-space samplers step through the DDIM timesteps, or through Karras' σ with "_karras".
+SIGMA_SAMPLERS = ("euler", "euler_a", "dpmpp_2m")
+SAMPLERS = (*SAMPLE_FUNCTIONS, *(f"{name}_karras" for name in SIGMA_SAMPLERS))
 OUTPUT_TYPES = ("pil", "latent", "tensor")
-# DDIM's timestep +1 quirk makes 1000 DDIM steps index past the schedule, as in the original.
-MAX_STEPS = {"ddim": 999, "plms": 999, "ddpm": 1000}
+# DDIM's timestep +1 quirk makes 1000 DDIM steps index past the schedule, as in the original;
+# Karras' σ steps need two ends.
+MAX_STEPS = {**dict.fromkeys(SAMPLERS, 999), "ddpm": 1000}
+MIN_STEPS = {**dict.fromkeys(SAMPLERS, 1), **{f"{n}_karras": 2 for n in SIGMA_SAMPLERS}}
 
 
 @dataclass
@@ -291,11 +301,14 @@ class _Job:
     timesteps: torch.Tensor
 
 
-def sampler_timesteps(sampler, steps):
+def sampler_timesteps(sampler, steps, alphas_cumprod):
     """The descending timesteps a sampler visits: the original's "uniform" DDIM discretisation
-    for DDIM and PLMS; for DDPM every step when steps == 1000, else the same strided subset."""
+    for all but DDPM with steps == 1000 (every step) and the "_karras" samplers (fractional
+    steps at Karras et al.'s σ)."""
     if sampler == "ddpm" and steps == 1000:
         return torch.arange(999, -1, -1)
+    if sampler.endswith("_karras"):
+        return samplers.karras_timesteps(steps, alphas_cumprod)
     return samplers.ddim_timesteps(steps)
 
 

@@ -16,6 +16,8 @@ import ldm
 from ldm import cli
 from ldm.config import PRESETS
 from ldm.models.unet import UNET_TINY
+from ldm.pipeline import SAMPLERS
+from ldm.samplers import karras_timesteps
 
 from helpers import TINY_SD2, randomize_
 
@@ -48,7 +50,7 @@ def test_txt2img_outputs(pipe):
     assert tensor.shape == (1, 3, SIZE, SIZE) and torch.isfinite(tensor).all()
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "plms", "ddpm"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_same_seed_same_image_other_seed_other_image(pipe, sampler):
     a = gen(pipe, sampler=sampler, seed=7, output_type="latent")
     b = gen(pipe, sampler=sampler, seed=7, output_type="latent")
@@ -88,34 +90,39 @@ def test_negative_prompt_replaces_the_unconditional_text(pipe):
 def test_img2img_strength_sets_how_many_steps_run(pipe):
     image = Image.new("RGB", (SIZE, SIZE), (200, 30, 30))
 
-    def visited(strength):
+    def visited(strength, sampler="ddim"):
         calls = []
         pipe.img2img(image, "a red circle", strength=strength, steps=10, seed=0, progress=False,
-                     callback=lambda i, t, x, x0: calls.append(t))
+                     sampler=sampler, callback=lambda i, t, x, x0: calls.append(t))
         return calls
     # 10 DDIM steps visit 901, 801, …, 1; strength 0.5 re-runs the last int(0.5 * 10) of them.
     assert visited(0.5) == [401, 301, 201, 101, 1]
     assert visited(1.0) == list(range(901, 0, -100))
     assert visited(0.01) == [1]  # at least one step
+    karras = karras_timesteps(10, pipe.alphas_cumprod).tolist()  # fractional steps
+    assert visited(0.5, "dpmpp_2m_karras") == karras[5:]
+    assert visited(1.0, "euler_karras") == karras
 
 
-def test_inpainting_with_an_ordinary_model_keeps_the_unmasked_latents(pipe):
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m_karras"])
+def test_inpainting_with_an_ordinary_model_keeps_the_unmasked_latents(pipe, sampler):
     image = Image.new("RGB", (SIZE, SIZE), (30, 30, 200))
     mask = torch.zeros(SIZE, SIZE)
     mask[:, SIZE // 2:] = 1  # repaint the right half
     a = pipe.inpaint(image, mask, "a red circle", steps=5, seed=4, output_type="latent",
-                     progress=False)
+                     sampler=sampler, progress=False)
     b = pipe.inpaint(image, mask, "a green triangle", steps=5, seed=4, output_type="latent",
-                     progress=False)
+                     sampler=sampler, progress=False)
     keep, repaint = slice(0, SIZE // 4), slice(SIZE // 4, SIZE // 2)
     assert torch.allclose(a[..., keep], b[..., keep], atol=1e-5)
     assert not torch.allclose(a[..., repaint], b[..., repaint], atol=1e-3)
 
 
-@pytest.mark.parametrize("in_channels", [4, 9])
-def test_v_prediction_model_generates_and_inpaints(in_channels):
-    """SD 2-style: OpenCLIP text (0-padded ids), v converted to ε on the 4-channel latent, also
-    when a 9-channel inpainting U-Net takes the mask and masked image as extra inputs."""
+@pytest.mark.parametrize("in_channels, sampler", [(4, "ddim"), (9, "ddim"), (4, "euler_a_karras")])
+def test_v_prediction_model_generates_and_inpaints(in_channels, sampler):
+    """SD 2-style: OpenCLIP text (0-padded ids), v converted to ε on the 4-channel latent (at
+    fractional steps too), also when a 9-channel inpainting U-Net takes the mask and masked
+    image as extra inputs."""
     config = replace(TINY_SD2, unet=replace(TINY_SD2.unet, in_channels=in_channels))
     pipe = random_pipe(config, seed=int(torch.randint(1 << 20, ())))
     assert pipe.tokenizer("a cat")[0, -1] == 0
@@ -123,7 +130,7 @@ def test_v_prediction_model_generates_and_inpaints(in_channels):
     mask = torch.zeros(1, 1, SIZE, SIZE)
     mask[..., : SIZE // 2, :] = 1
     out = pipe.inpaint(image, mask, "a red circle", steps=3, seed=1, output_type="latent",
-                       progress=False)
+                       sampler=sampler, progress=False)
     assert out.shape == (1, 4, SIZE // 2, SIZE // 2) and torch.isfinite(out).all()
 
 
@@ -150,7 +157,8 @@ def test_inpainting_model_sees_mask_and_masked_image():
 @pytest.mark.parametrize("kwargs, message", [
     ({"steps": 0}, "steps must be an integer in"),
     ({"steps": -3}, "steps must be an integer in"),
-    ({"sampler": "euler"}, "sampler must be one of 'ddim', 'plms', 'ddpm'"),
+    ({"sampler": "heun"}, "sampler must be one of 'ddim', 'plms', 'ddpm', 'euler'"),
+    ({"sampler": "dpmpp_2m_karras", "steps": 1}, r"steps must be an integer in \[2, 999\]"),
     ({"height": 31}, "height must be a positive multiple of 2"),
     ({"output_type": "jpeg"}, "output_type must be one of"),
     ({"eta": -1.0}, "eta must be >= 0"),
