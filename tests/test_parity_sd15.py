@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import ldm
 from ldm import schedule
+from ldm.samplers import ddim_timesteps
 
 from helpers import (large_temporary_file, read_manifest, rel_error, tensor_bytes,
                      write_clip_vocab_files)
@@ -179,29 +180,57 @@ def test_full_size_save_round_trip(pipe, sd15_tensors, tmp_path):
             assert torch.equal(sd15_tensors[name], resaved.get_tensor(name)), name
 
 
-@torch.no_grad()
-def test_ddim_txt2img_matches_diffusers_pipeline(pipe, sd15_tensors, tmp_path):
-    """Issue 3's end-to-end check: the same latents through our DDIM txt2img and diffusers'
-    StableDiffusionPipeline with a DDIMScheduler configured like the original; mean absolute
-    pixel difference at most 1 of 255."""
-    scheduler = diffusers.DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+# diffusers' scheduler for each of our samplers, set to visit the original's DDIM timesteps
+# (DPMSolverMultistep's own "leading" spacing differs: it is handed the timesteps instead).
+REFERENCE_SCHEDULERS = {
+    "ddim": lambda: diffusers.DDIMScheduler(
+        **SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        timestep_spacing="leading"),
+    "euler": lambda: diffusers.EulerDiscreteScheduler(
+        **SD_BETAS, steps_offset=1, timestep_spacing="leading"),
+    "dpmpp_2m": lambda: diffusers.DPMSolverMultistepScheduler(
+        **SD_BETAS, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero"),
+}
+
+
+@pytest.fixture(scope="module")
+def reference_pipeline(sd15_tensors, tmp_path_factory):
     tokenizer = transformers.CLIPTokenizer.from_pretrained(
-        write_clip_vocab_files(tmp_path), pad_token="<|endoftext|>", model_max_length=77)
+        write_clip_vocab_files(tmp_path_factory.mktemp("vocab")), pad_token="<|endoftext|>",
+        model_max_length=77)
     reference = diffusers.StableDiffusionPipeline(
         vae=reference_vae(sd15_tensors), text_encoder=reference_text_encoder(sd15_tensors),
-        tokenizer=tokenizer, unet=reference_unet(sd15_tensors), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        tokenizer=tokenizer, unet=reference_unet(sd15_tensors),
+        scheduler=REFERENCE_SCHEDULERS["ddim"](), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
     reference.set_progress_bar_config(disable=True)
+    return reference
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sampler", REFERENCE_SCHEDULERS)
+def test_txt2img_matches_diffusers_pipeline(pipe, reference_pipeline, sampler):
+    """Issue 3's end-to-end check, for DDIM and two of k-diffusion's samplers: the same latents
+    through our txt2img and diffusers' StableDiffusionPipeline with the matching scheduler;
+    final latents within 1e-5 (relative), mean absolute pixel difference at most 1 of 255."""
+    reference_pipeline.scheduler = REFERENCE_SCHEDULERS[sampler]()
     g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
     latents = torch.randn(1, 4, 32, 32, generator=g)
     prompt, negative = "a watercolor painting of a lighthouse", "blurry, low quality"
-    expected = reference(prompt, negative_prompt=negative, num_inference_steps=4, height=256,
-                         width=256, guidance_scale=7.5, latents=latents, output_type="pil").images
-    ours = pipe.txt2img(prompt, negative_prompt=negative, steps=4, sampler="ddim", cfg_scale=7.5,
-                        height=256, width=256, latents=latents, progress=False)
-    difference = (torch.tensor(np.asarray(ours[0]), dtype=torch.float64)
-                  - torch.tensor(np.asarray(expected[0]), dtype=torch.float64)).abs().mean().item()
-    print(f"DDIM txt2img mean absolute pixel difference vs diffusers: {difference:.4f} / 255")
-    assert difference <= 1.0
+    common = dict(negative_prompt=negative, height=256, width=256, latents=latents)
+    results = {}
+    steps = (dict(timesteps=ddim_timesteps(4).tolist()) if sampler == "dpmpp_2m"
+             else dict(num_inference_steps=4))
+    for output_type in ("latent", "pil"):
+        theirs = reference_pipeline(prompt, guidance_scale=7.5, output_type=output_type,
+                                    **steps, **common).images
+        mine = pipe.txt2img(prompt, steps=4, sampler=sampler, cfg_scale=7.5,
+                            output_type=output_type, progress=False, **common)
+        results[output_type] = mine, theirs
+    error = rel_error(*results["latent"])
+    mine, theirs = (np.asarray(image[0], dtype=np.float64) for image in results["pil"])
+    difference = np.abs(mine - theirs).mean()
+    print(f"{sampler} txt2img vs diffusers: latents relative error {error:.2e}, "
+          f"mean absolute pixel difference {difference:.4f} / 255")
+    assert error <= 1e-5 and difference <= 1.0
