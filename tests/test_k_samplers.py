@@ -1,6 +1,6 @@
-"""Euler, Euler ancestral and DPM++ 2M (σ-space samplers) against diffusers' schedulers, against
-the original's samplers (over the same steps Euler is DDIM up to the last step, Euler a is
-DDPM, DPM++ 2M's first step is DDIM's), and their σ schedule.
+"""Euler, Euler ancestral, Heun, DPM++ 2M and 2M SDE (σ-space samplers) against diffusers'
+schedulers, against the original's samplers (over the same steps Euler is DDIM up to the last
+step, Euler a is DDPM, DPM++ 2M's first step is DDIM's), and their σ schedule.
 
 float64 on tiny latents (B=2, C=4, 5×5) with a toy ε model that depends on x and on t, so every
 step's timestep matters. diffusers' Euler schedulers compute in float32 (their step upcasts the
@@ -11,20 +11,26 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler)
+                       EulerDiscreteScheduler, HeunDiscreteScheduler)
 
 from helpers import rel_error
 from ldm import schedule
 from ldm.samplers import (add_noise, alphas_at, ddim_timesteps, eps_from_v, karras_timesteps,
-                          sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler,
-                          sample_euler_ancestral)
+                          sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde,
+                          sample_euler, sample_euler_ancestral, sample_heun)
 from ldm.samplers.common import sigmas_of
 from ldm.samplers.sigmas import sigma_to_t
 
 AC = schedule.alphas_cumprod()  # (1000,) float64
 SIGMAS = sigmas_of(AC)
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-K_SAMPLERS = [sample_euler, sample_euler_ancestral, sample_dpmpp_2m]
+K_SAMPLERS = [sample_euler, sample_euler_ancestral, sample_heun, sample_dpmpp_2m,
+              sample_dpmpp_2m_sde]
+NOISY = (sample_euler_ancestral, sample_dpmpp_2m_sde)  # fresh noise at every step but the last
+
+
+def noise_options(sampler, seed):
+    return {"generator": torch.Generator().manual_seed(seed)} if sampler in NOISY else {}
 
 
 def randn(seed, *shape):
@@ -136,8 +142,20 @@ def diffusers_loop(scheduler, eps_fn, x, generator=None):
         x = x * (scheduler.sigmas[0].double() ** 2 + 1) ** 0.5
     for t in scheduler.timesteps:
         eps = eps_fn(scheduler.scale_model_input(x, t), t.expand(x.shape[0]))
-        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+        options = {} if generator is None else {"generator": generator}
+        x = scheduler.step(eps, t, x, **options).prev_sample
     return x
+
+
+def reference_over_our_steps(scheduler_class, steps, karras, **config):
+    """diffusers' scheduler set to the steps ours take, and those steps: DDIM's ("leading" with
+    offset 1) or Karras σ (diffusers takes their range from the steps its spacing picks:
+    "linspace" spans the whole schedule)."""
+    spacing = dict(timestep_spacing="linspace") if karras else dict(
+        timestep_spacing="leading", steps_offset=1)
+    reference = scheduler_class(**SD_SCHEDULE, **spacing, use_karras_sigmas=karras, **config)
+    reference.set_timesteps(steps)
+    return reference, karras_timesteps(steps, AC) if karras else ddim_timesteps(steps)
 
 
 @pytest.mark.parametrize("steps", [10, 30])
@@ -145,12 +163,7 @@ def diffusers_loop(scheduler, eps_fn, x, generator=None):
 def test_euler_matches_diffusers(steps, karras):
     seed = fresh_seed()
     eps_fn, x = toy_eps_fn(seed), randn(seed + 2, 2, 4, 5, 5)
-    # diffusers takes Karras' σ range from the steps its spacing picks: "linspace" spans all.
-    spacing = dict(timestep_spacing="linspace") if karras else dict(
-        timestep_spacing="leading", steps_offset=1)
-    reference = EulerDiscreteScheduler(**SD_SCHEDULE, **spacing, use_karras_sigmas=karras)
-    reference.set_timesteps(steps)
-    ts = karras_timesteps(steps, AC) if karras else ddim_timesteps(steps)
+    reference, ts = reference_over_our_steps(EulerDiscreteScheduler, steps, karras)
     if not karras:
         assert torch.equal(reference.timesteps.long(), ts)
     error = rel_error(sample_euler(eps_fn, x, ts, AC), diffusers_loop(reference, eps_fn, x))
@@ -183,15 +196,46 @@ def test_dpmpp_2m_matches_diffusers_dpmsolver_plus_plus(steps):
     assert rel_error(ours, diffusers_loop(reference, eps_fn, x)) < 2e-6  # diffusers in float32
 
 
+@pytest.mark.parametrize("steps, karras", [(1, False), (10, False), (30, False), (10, True),
+                                           (30, True)])
+def test_heun_matches_diffusers(steps, karras):
+    seed = fresh_seed()
+    eps_fn, x = toy_eps_fn(seed), randn(seed + 2, 2, 4, 5, 5)
+    reference, ts = reference_over_our_steps(HeunDiscreteScheduler, steps, karras)
+    calls = []
+    ours = sample_heun(lambda x, t: calls.append(t) or eps_fn(x, t), x, ts, AC)
+    assert len(calls) == 2 * steps - 1 == len(reference.timesteps)
+    assert rel_error(ours, diffusers_loop(reference, eps_fn, x)) < 2e-6  # diffusers in float32
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 30])
+def test_dpmpp_2m_sde_matches_diffusers_sde_dpmsolver_plus_plus(steps):
+    seed = fresh_seed()
+    eps_fn, x = toy_eps_fn(seed), randn(seed + 2, 2, 4, 5, 5)
+    ts = ddim_timesteps(steps)
+    ours = sample_dpmpp_2m_sde(eps_fn, x, ts, AC, generator=torch.Generator().manual_seed(seed))
+    # The same draws, handed to diffusers (it draws its own at every step, the last included).
+    g = torch.Generator().manual_seed(seed)
+    noises = [torch.randn(x.shape, generator=g, dtype=x.dtype) for _ in range(steps - 1)]
+    reference = DPMSolverMultistepScheduler(**SD_SCHEDULE, algorithm_type="sde-dpmsolver++",
+                                            solver_order=2, final_sigmas_type="zero")
+    reference.set_timesteps(timesteps=ts.tolist())
+    theirs = x
+    for i, t in enumerate(reference.timesteps):
+        eps = eps_fn(theirs, t.expand(x.shape[0]))
+        noise = noises[i] if i < steps - 1 else torch.zeros_like(x)  # × σ = 0 on the last step
+        theirs = reference.step(eps, t, theirs, variance_noise=noise).prev_sample
+    assert rel_error(ours, theirs) < 2e-6  # diffusers in float32
+
+
 def test_v_prediction_at_fractional_steps_matches_diffusers_euler():
     """eps_from_v interpolates ᾱ at the fractional Karras steps as the σ samplers do."""
     seed = fresh_seed()
     v_fn, x = toy_eps_fn(seed), randn(seed + 2, 2, 4, 5, 5)
     eps_fn = eps_from_v(lambda x, t, context: v_fn(x, t), AC)
-    reference = EulerDiscreteScheduler(**SD_SCHEDULE, use_karras_sigmas=True,
-                                       prediction_type="v_prediction")
-    reference.set_timesteps(20)
-    ours = sample_euler(lambda x, t: eps_fn(x, t, None), x, karras_timesteps(20, AC), AC)
+    reference, ts = reference_over_our_steps(EulerDiscreteScheduler, 20, karras=True,
+                                             prediction_type="v_prediction")
+    ours = sample_euler(lambda x, t: eps_fn(x, t, None), x, ts, AC)
     assert rel_error(ours, diffusers_loop(reference, v_fn, x)) < 2e-6  # diffusers in float32
 
 
@@ -204,11 +248,12 @@ def test_with_the_true_noise_every_sampler_returns_x0(sampler):
     for ts in (ddim_timesteps(25)[5:], karras_timesteps(12, AC)[3:]):
         x_t = add_noise(x0, eps, ts[0].item(), AC)
         preds = []
-        out = sampler(lambda x, t: eps, x_t, ts, AC, callback=lambda i, t, x, p: preds.append(p))
-        if sampler is sample_euler_ancestral:  # its fresh noise is not the ε of eps_fn
+        out = sampler(lambda x, t: eps, x_t, ts, AC, callback=lambda i, t, x, p: preds.append(p),
+                      **noise_options(sampler, seed))
+        if sampler in NOISY:  # their fresh noise is not the ε of eps_fn
             preds = preds[:1]
         assert max(rel_error(p, x0) for p in preds) < 1e-12
-        if sampler is not sample_euler_ancestral:
+        if sampler not in NOISY:
             assert rel_error(out, x0) < 1e-12
 
 
@@ -221,9 +266,7 @@ def test_callback_sees_and_replaces_sd_latents(sampler):
     ts = ddim_timesteps(10)
 
     def run(callback):
-        return sampler(eps_fn, x, ts, AC, callback=callback,
-                       **({"generator": torch.Generator().manual_seed(seed)}
-                          if sampler is sample_euler_ancestral else {}))
+        return sampler(eps_fn, x, ts, AC, callback=callback, **noise_options(sampler, seed))
     plain = run(None)
     assert rel_error(run(lambda i, t, x, x0: x), plain) < 1e-14
     assert not torch.allclose(run(lambda i, t, x, x0: x * 0.9 if i == 4 else None), plain)

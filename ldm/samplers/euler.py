@@ -15,7 +15,7 @@ Shapes: x, d, z (B, C, h, w); timesteps descending, fractional allowed; alphas_c
 """
 import torch
 
-from ldm.samplers.sigmas import denoiser, report, step_sigmas, to_sigma_space
+from ldm.samplers.sigmas import prepare, report
 
 
 def sample_euler(eps_fn, x, timesteps, alphas_cumprod, *, callback=None):
@@ -42,9 +42,7 @@ def sample_euler_ancestral(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, gen
     eta scales σ_up: 1 is k-diffusion's (and diffusers') Euler a, 0 is plain Euler."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    ts, sigmas = step_sigmas(timesteps, alphas_cumprod)
-    denoise = denoiser(eps_fn)
-    x = to_sigma_space(x, sigmas[0])
+    ts, sigmas, denoise, x = prepare(eps_fn, x, timesteps, alphas_cumprod)
     for i, t in enumerate(ts):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x0 = denoise(x, sigma, t)

@@ -55,6 +55,13 @@ def step_sigmas(timesteps, alphas_cumprod):
     return ts, [((1 - a) / a) ** 0.5 for a in alphas] + [0.0]
 
 
+def prepare(eps_fn, x, timesteps, alphas_cumprod):
+    """What every σ sampler starts from: the checked timesteps, their σ (σ = 0 appended), the
+    denoiser D(x, σ, t) and x moved into σ space."""
+    ts, sigmas = step_sigmas(timesteps, alphas_cumprod)
+    return ts, sigmas, denoiser(eps_fn), to_sigma_space(x, sigmas[0])
+
+
 def denoiser(eps_fn):
     """D(x, σ, t) -> x0 estimate, from eps_fn(x_t, t) with t a (B,) tensor on x's device:
     int64 at a trained step, else float (at least float32: float16 would round 978.6 to 978.5)."""
