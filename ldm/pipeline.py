@@ -97,10 +97,10 @@ class StableDiffusion(nn.Module):
 
         prompt / negative_prompt: a string or a list (one per image); the negative prompt
         replaces the empty prompt of classifier-free guidance. steps, sampler (one of SAMPLERS:
-        "ddim", "plms", "ddpm", "euler", "euler_a", "dpmpp_2m", the last three also with
-        "_karras" σ steps) and cfg_scale default to the model's `config.sampling` (SD: 50,
-        DDIM, 7.5), height/width to its native size. eta: DDIM's η (Euler a always adds its
-        full ancestral noise). `seed` or a CPU `generator` fixes the noise (drawn on
+        "ddim", "plms", "ddpm", then k-diffusion's "euler", "euler_a", "heun", "dpmpp_2m",
+        "dpmpp_2m_sde", each of those also with "_karras" σ steps) and cfg_scale default to
+        the model's `config.sampling` (SD: 50, DDIM, 7.5), height/width to its native size.
+        eta: DDIM's η (Euler a and DPM++ 2M SDE always add their full noise). `seed` or a CPU `generator` fixes the noise (drawn on
         the CPU in float32, then moved, so a seed means the same start on any device);
         `latents` (B, 4, h, w) gives the starting noise explicitly. `progress`: show a step
         counter on stderr (default: when stderr is a terminal); `callback(i, t, x, x0)` runs
@@ -249,8 +249,8 @@ class StableDiffusion(nn.Module):
         if self.config.prediction == "v":  # outside the inpainting inputs: x is the 4-ch latent
             eps_model = samplers.eps_from_v(eps_model, self.alphas_cumprod)
         eps_fn = samplers.cfg(eps_model, job.cond, job.uncond, job.cfg_scale)
-        # The samplers draw their per-step noise (DDPM, Euler a, DDIM with eta > 0) on the
-        # latents' device; seed a generator there from ours.
+        # The samplers draw their per-step noise (NOISY_SAMPLERS) on the latents' device; seed
+        # a generator there from ours.
         if self.device.type != "cpu":
             seed = int(torch.randint(2**62, (), generator=generator))
             generator = torch.Generator(self.device).manual_seed(seed)
@@ -273,12 +273,14 @@ TEXT_ENCODERS = {"clip": (CLIPTextModel, CLIPTokenizer),
                  "open_clip": (OpenCLIPTextModel, CLIPTokenizer.open_clip)}
 SAMPLE_FUNCTIONS = {"ddim": samplers.sample_ddim, "plms": samplers.sample_plms,
                     "ddpm": samplers.sample_ddpm, "euler": samplers.sample_euler,
-                    "euler_a": samplers.sample_euler_ancestral,
-                    "dpmpp_2m": samplers.sample_dpmpp_2m}
+                    "euler_a": samplers.sample_euler_ancestral, "heun": samplers.sample_heun,
+                    "dpmpp_2m": samplers.sample_dpmpp_2m,
+                    "dpmpp_2m_sde": samplers.sample_dpmpp_2m_sde}
 # Those that draw fresh noise at every step (DDIM only with η > 0).
-NOISY_SAMPLERS = (samplers.sample_ddim, samplers.sample_ddpm, samplers.sample_euler_ancestral)
+NOISY_SAMPLERS = (samplers.sample_ddim, samplers.sample_ddpm, samplers.sample_euler_ancestral,
+                  samplers.sample_dpmpp_2m_sde)
 # The σ-space samplers step through the DDIM timesteps, or through Karras' σ with "_karras".
-SIGMA_SAMPLERS = ("euler", "euler_a", "dpmpp_2m")
+SIGMA_SAMPLERS = ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde")
 SAMPLERS = (*SAMPLE_FUNCTIONS, *(f"{name}_karras" for name in SIGMA_SAMPLERS))
 OUTPUT_TYPES = ("pil", "latent", "tensor")
 # DDIM's timestep +1 quirk makes 1000 DDIM steps index past the schedule, as in the original;

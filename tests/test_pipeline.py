@@ -157,7 +157,7 @@ def test_inpainting_model_sees_mask_and_masked_image():
 @pytest.mark.parametrize("kwargs, message", [
     ({"steps": 0}, "steps must be an integer in"),
     ({"steps": -3}, "steps must be an integer in"),
-    ({"sampler": "heun"}, "sampler must be one of 'ddim', 'plms', 'ddpm', 'euler'"),
+    ({"sampler": "lms"}, "sampler must be one of 'ddim', 'plms', 'ddpm', 'euler'"),
     ({"sampler": "dpmpp_2m_karras", "steps": 1}, r"steps must be an integer in \[2, 999\]"),
     ({"height": 31}, "height must be a positive multiple of 2"),
     ({"output_type": "jpeg"}, "output_type must be one of"),
