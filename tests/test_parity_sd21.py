@@ -10,20 +10,19 @@ v-prediction. fp32 on CPU, random inputs, fresh seeds.
 """
 import re
 
-import numpy as np
 import pytest
 import torch
 
 import ldm
 from ldm import schedule
 
-from helpers import read_manifest, rel_error, write_clip_vocab_files
+from helpers import read_manifest, write_clip_vocab_files
 
 pytestmark = pytest.mark.slow
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 from diffusers.loaders import single_file_utils as convert  # noqa: E402
-from test_parity_sd15 import original_tensors, random_tensor  # noqa: E402
+from test_parity_sd15 import compare_txt2img, original_tensors, random_tensor  # noqa: E402
 
 
 def random_sd21_tensor(name, shape, dtype, g):
@@ -97,22 +96,9 @@ def test_sd21_v_prediction_txt2img_matches_diffusers(tmp_path):
     assert ours.config == ldm.PRESETS["sd21"]  # told SD 2 by shapes; v, as a dict has no name
     reference = reference_pipeline(tensors, tmp_path)
     del tensors
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
-    latents = torch.randn(1, 4, 32, 32, generator=g)
-    # No "!" in the prompts: transformers makes the pad token "!" a special token, so it reads
+    # Its prompts have no "!": transformers makes the pad token "!" a special token, so it reads
     # every "!" as id 0, where open_clip (SD 2's tokenizer, test_tokenizer.py) has "!</w>" 256.
-    prompt, negative = "a watercolor painting of a lighthouse", "blurry, low quality"
-    common = dict(negative_prompt=negative, height=256, width=256, latents=latents)
-    results = {}
-    for output_type in ("latent", "pil"):
-        theirs = reference(prompt, num_inference_steps=4, guidance_scale=7.5,
-                           output_type=output_type, **common).images
-        mine = ours.txt2img(prompt, steps=4, sampler="ddim", cfg_scale=7.5,
-                            output_type=output_type, progress=False, **common)
-        results[output_type] = mine, theirs
-    error = rel_error(*results["latent"])
-    mine, theirs = (np.asarray(image[0], dtype=np.float64) for image in results["pil"])
-    difference = np.abs(mine - theirs).mean()
+    error, difference = compare_txt2img(ours, reference, "ddim", dict(num_inference_steps=4))
     print(f"SD 2.1 v-prediction DDIM: latents relative error {error:.2e}, "
           f"mean absolute pixel difference {difference:.4f} / 255")
     assert error <= 1e-5 and difference <= 1.0
