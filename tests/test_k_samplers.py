@@ -3,8 +3,8 @@ schedulers, against the original's samplers (over the same steps Euler is DDIM u
 step, Euler a is DDPM, DPM++ 2M's first step is DDIM's), and their σ schedule.
 
 float64 on tiny latents (B=2, C=4, 5×5) with a toy ε model that depends on x and on t, so every
-step's timestep matters. diffusers' Euler schedulers compute in float32 (their step upcasts the
-sample to float32, their σ table is float32), and so does DPMSolverMultistep: those
+step's timestep matters. diffusers' Euler, Heun and DPMSolverMultistep schedulers compute in
+float32 (their step upcasts the sample to float32, their σ table is float32): those
 comparisons hold to float32 rounding.
 """
 import numpy as np

@@ -1,5 +1,5 @@
-"""Euler and Euler ancestral in σ space (Karras et al. 2022, arXiv:2206.00364, Algorithm 1
-without churn; the ancestral variant as k-diffusion's sample_euler_ancestral).
+"""Euler and Euler ancestral in σ space (Karras et al. 2022, arXiv:2206.00364: the first-order
+step of their Algorithm 1; the ancestral variant as k-diffusion's sample_euler_ancestral).
 
 With x = x0 + σ ε (sigmas.py), the probability-flow ODE is dx/dσ = (x − D(x, σ)) / σ. Euler:
     d       = (x − D(x, σ_i)) / σ_i

@@ -1,5 +1,5 @@
-"""Heun's method in σ space (Karras et al. 2022, arXiv:2206.00364, Algorithm 1 without churn),
-as k-diffusion's sample_heun.
+"""Heun's method in σ space (Karras et al. 2022, arXiv:2206.00364, Algorithm 1: deterministic
+sampling; their Algorithm 2's noise "churn" is left out, as k-diffusion's sample_heun defaults).
 
 A second-order (trapezoid) correction of the Euler step of euler.py: take the Euler step to
 σ_{i+1}, measure the slope there too, and step again from x with the average of both slopes:
