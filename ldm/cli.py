@@ -16,7 +16,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ldm.config import PRESETS
 from ldm.loader import DEFAULT_CHECKPOINT, load
-from ldm.pipeline import SAMPLERS
+from ldm.samplers.registry import sampler_names
 
 COMMANDS = {
     "txt2img": "generate images from a text prompt",
@@ -57,7 +57,7 @@ def _add_common(sub):
                      "from the file (e.g. sd21-base for an SD 2 512 ε-model whose file name "
                      "does not say 512 or base)")
     sub.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    sub.add_argument("--sampler", choices=SAMPLERS, help="default: the model's")
+    sub.add_argument("--sampler", choices=sampler_names(), help="default: the model's")
     sub.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale; 1 = none")
     sub.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic")
     sub.add_argument("--seed", type=int, help="the same seed gives the same image (default: random)")

@@ -185,7 +185,7 @@ def main(argv=None):
     import argparse
 
     from ldm.loader import load
-    from ldm.pipeline import SAMPLERS
+    from ldm.samplers.registry import sampler_names
 
     p = argparse.ArgumentParser(prog="python -m ldm.judge", description="Judge a shapes-world "
                                 "model: accuracy (%) per family, with and without guidance.")
@@ -193,7 +193,7 @@ def main(argv=None):
     p.add_argument("--split", choices=("held-out", "train"), default="held-out")
     p.add_argument("--samples", type=int, default=8, help="images per prompt")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="default: the model's")
+    p.add_argument("--sampler", choices=sampler_names(), help="default: the model's")
     p.add_argument("--cfg-scale", type=float, help="guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -176,11 +176,9 @@ class StableDiffusion(nn.Module):
         steps = defaults.steps if steps is None else steps
         sampler = defaults.sampler if sampler is None else sampler
         cfg_scale = defaults.cfg_scale if cfg_scale is None else cfg_scale
-        _check_choice("sampler", sampler, SAMPLERS)
+        sampler, schedule = samplers.resolve(sampler)
         _check_choice("output_type", output_type, OUTPUT_TYPES)
-        if not isinstance(steps, int) or not MIN_STEPS[sampler] <= steps <= MAX_STEPS[sampler]:
-            raise ValueError(f"steps must be an integer in [{MIN_STEPS[sampler]}, "
-                             f"{MAX_STEPS[sampler]}] for sampler {sampler!r}, got {steps!r}")
+        timesteps = samplers.timesteps(sampler, schedule, steps, self.alphas_cumprod)
         if not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
         if eta < 0:
@@ -192,7 +190,7 @@ class StableDiffusion(nn.Module):
         return _Job(batch=cond.shape[0], cond=cond, uncond=uncond, cfg_scale=cfg_scale,
                     sampler=sampler, eta=eta, output_type=output_type,
                     eps_model=self._unet_step(),
-                    timesteps=sampler_timesteps(sampler, steps, self.alphas_cumprod))
+                    timesteps=timesteps)
 
     def _unet_step(self):
         """The U-Net as the samplers call it: (x, t, context) -> ε, from CUDA graphs if asked."""
@@ -257,11 +255,11 @@ class StableDiffusion(nn.Module):
         if progress is None:
             progress = sys.stderr.isatty()  # no \r-redrawn lines in logs and notebooks
         callback = _chain(callback, _progress_bar(len(timesteps)) if progress else None)
-        sample = SAMPLE_FUNCTIONS[job.sampler.removesuffix("_karras")]
-        options = {"eta": job.eta} if sample is samplers.sample_ddim else {}
-        if sample in NOISY_SAMPLERS:
+        options = {"eta": job.eta} if job.sampler.takes_eta else {}
+        if job.sampler.noisy:
             options["generator"] = generator
-        x0 = sample(eps_fn, x, timesteps, self.alphas_cumprod, callback=callback, **options)
+        x0 = job.sampler.sample(eps_fn, x, timesteps, self.alphas_cumprod, callback=callback,
+                                **options)
         if job.output_type == "latent":
             return x0
         images = self.decode_latents(x0)
@@ -271,22 +269,7 @@ class StableDiffusion(nn.Module):
 # Text encoder and tokenizer of each family (ModelConfig.text_encoder): SD 1.x, SD 2.x.
 TEXT_ENCODERS = {"clip": (CLIPTextModel, CLIPTokenizer),
                  "open_clip": (OpenCLIPTextModel, CLIPTokenizer.open_clip)}
-SAMPLE_FUNCTIONS = {"ddim": samplers.sample_ddim, "plms": samplers.sample_plms,
-                    "ddpm": samplers.sample_ddpm, "euler": samplers.sample_euler,
-                    "euler_a": samplers.sample_euler_ancestral, "heun": samplers.sample_heun,
-                    "dpmpp_2m": samplers.sample_dpmpp_2m,
-                    "dpmpp_2m_sde": samplers.sample_dpmpp_2m_sde}
-# Those that draw fresh noise at every step (DDIM only with η > 0).
-NOISY_SAMPLERS = (samplers.sample_ddim, samplers.sample_ddpm, samplers.sample_euler_ancestral,
-                  samplers.sample_dpmpp_2m_sde)
-# The σ-space samplers step through the DDIM timesteps, or through Karras' σ with "_karras".
-SIGMA_SAMPLERS = ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde")
-SAMPLERS = (*SAMPLE_FUNCTIONS, *(f"{name}_karras" for name in SIGMA_SAMPLERS))
 OUTPUT_TYPES = ("pil", "latent", "tensor")
-# DDIM's timestep +1 quirk makes 1000 DDIM steps index past the schedule, as in the original;
-# Karras' σ steps need two ends.
-MAX_STEPS = {**dict.fromkeys(SAMPLERS, 999), "ddpm": 1000}
-MIN_STEPS = {**dict.fromkeys(SAMPLERS, 1), **{f"{n}_karras": 2 for n in SIGMA_SAMPLERS}}
 
 
 @dataclass
@@ -296,22 +279,11 @@ class _Job:
     cond: torch.Tensor      # (B, 77, D)
     uncond: torch.Tensor    # (B, 77, D)
     cfg_scale: float
-    sampler: str
+    sampler: samplers.Sampler
     eta: float
     output_type: str
     eps_model: object       # (x, t, context) -> the U-Net's ε (or v), with inpainting inputs
     timesteps: torch.Tensor
-
-
-def sampler_timesteps(sampler, steps, alphas_cumprod):
-    """The descending timesteps a sampler visits: the original's "uniform" DDIM discretisation
-    for all but DDPM with steps == 1000 (every step) and the "_karras" samplers (fractional
-    steps at Karras et al.'s σ)."""
-    if sampler == "ddpm" and steps == 1000:
-        return torch.arange(999, -1, -1)
-    if sampler.endswith("_karras"):
-        return samplers.karras_timesteps(steps, alphas_cumprod)
-    return samplers.ddim_timesteps(steps)
 
 
 def _generator(seed, generator):

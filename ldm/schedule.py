@@ -2,8 +2,8 @@
 
 T = 1000 training steps; betas linear in sqrt(beta) ("scaled linear"):
     beta_t = (sqrt(0.00085) + t/(T-1) * (sqrt(0.012) - sqrt(0.00085)))**2,   t = 0 … T-1
-    alphā_t = Π_{s≤t} (1 - beta_s)
-A noised latent at step t is x_t = sqrt(alphā_t) x_0 + sqrt(1 - alphā_t) ε.
+    ᾱ_t = Π_{s≤t} (1 - beta_s)
+A noised latent at step t is x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε.
 """
 import torch
 
@@ -17,7 +17,7 @@ def betas(num_steps=NUM_TRAIN_STEPS, beta_start=BETA_START, beta_end=BETA_END):
 
 
 def alphas_cumprod(num_steps=NUM_TRAIN_STEPS, beta_start=BETA_START, beta_end=BETA_END):
-    """(T,) float64: alphā_t, the fraction of signal variance left at step t."""
+    """(T,) float64: ᾱ_t, the fraction of signal variance left at step t."""
     return torch.cumprod(1.0 - betas(num_steps, beta_start, beta_end), dim=0)
 
 

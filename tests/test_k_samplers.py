@@ -15,10 +15,11 @@ from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteSchedu
 
 from helpers import rel_error
 from ldm import schedule
-from ldm.samplers import (add_noise, alphas_at, ddim_timesteps, eps_from_v, karras_timesteps,
+from ldm.samplers import (add_noise, alpha_bar, ddim_timesteps, eps_from_v,
                           sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde,
                           sample_euler, sample_euler_ancestral, sample_heun)
 from ldm.samplers.common import sigmas_of
+from ldm.samplers.schedules import karras as karras_timesteps
 from ldm.samplers.sigmas import sigma_to_t
 
 AC = schedule.alphas_cumprod()  # (1000,) float64
@@ -54,11 +55,11 @@ def fresh_seed():
 
 def test_alphas_at_is_the_table_at_trained_steps_and_log_sigma_linear_between():
     t = torch.tensor([0, 1, 500, 998, 999])
-    assert torch.equal(alphas_at(t, AC), AC[t])
-    assert torch.allclose(alphas_at(t.double(), AC), AC[t], rtol=1e-14, atol=0)
+    assert torch.equal(alpha_bar(t, AC), AC[t])
+    assert torch.allclose(alpha_bar(t.double(), AC), AC[t], rtol=1e-14, atol=0)
     low = torch.randint(0, 999, (20,))
     w = torch.rand(20, dtype=torch.float64)
-    sigma = ((1 - alphas_at(low + w, AC)) / alphas_at(low + w, AC)).sqrt()
+    sigma = ((1 - alpha_bar(low + w, AC)) / alpha_bar(low + w, AC)).sqrt()
     expected = (SIGMAS[low].log() * (1 - w) + SIGMAS[low + 1].log() * w).exp()
     assert rel_error(sigma, expected) < 1e-14
 
@@ -72,7 +73,7 @@ def test_sigma_to_t_matches_diffusers_and_inverts_alphas_at():
         t = sigma_to_t(sigma, AC)
         assert t == pytest.approx(reference._sigma_to_t(np.array(sigma), SIGMAS.log().numpy()),
                                   abs=1e-9)
-        a = alphas_at(torch.tensor(t, dtype=torch.float64), AC).item()
+        a = alpha_bar(torch.tensor(t, dtype=torch.float64), AC).item()
         assert ((1 - a) / a) ** 0.5 == pytest.approx(sigma, rel=1e-12)
     with pytest.raises(ValueError, match="outside the schedule"):
         sigma_to_t(20.0, AC)
@@ -84,7 +85,7 @@ def test_karras_timesteps_match_diffusers(steps):
     reference.set_timesteps(steps)
     ts = karras_timesteps(steps, AC)
     assert ts.dtype == torch.float64 and ts.shape == (steps,)
-    sigmas = sigmas_of(alphas_at(ts, AC)).tolist()
+    sigmas = sigmas_of(alpha_bar(ts, AC)).tolist()
     # diffusers builds its σ from a float32 schedule
     assert rel_error(torch.tensor(sigmas), reference.sigmas[:-1]) < 2e-6
     assert (ts - reference.timesteps.double()).abs().max() < 2e-3

@@ -111,7 +111,7 @@ def test_v_prediction_ddpm_matches_diffusers():
 
 def test_ddim_with_eta_one_is_ddpm_over_the_same_steps():
     """DDIM paper §4.1: η = 1 gives DDPM's posterior. Both draw one z per step from the same
-    generator; only the last step differs (DDIM goes to alphā_0 with noise, DDPM to 1 without)."""
+    generator; only the last step differs (DDIM goes to ᾱ_0 with noise, DDPM to 1 without)."""
     eps_fn, x, ts = toy_eps_fn(seed=41), randn(42, 2, 4, 5, 5), ddim_timesteps(20)
     xs_ddim, xs_ddpm = [], []
     sample_ddim(eps_fn, x, ts, AC, eta=1.0, generator=torch.Generator().manual_seed(43),

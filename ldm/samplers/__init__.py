@@ -10,9 +10,9 @@ then sample with ts[k:].
 
 The Euler, Euler ancestral, Heun, DPM++ 2M and 2M SDE samplers (k-diffusion's) step in σ
 space but take and return the same x_t; they also take the fractional timesteps of Karras σ:
-    z = sample_dpmpp_2m(eps_fn, x_T, karras_timesteps(25, pipe.alphas_cumprod), pipe.alphas_cumprod)
+    z = sample_dpmpp_2m(eps_fn, x_T, schedules.karras(25, pipe.alphas_cumprod), pipe.alphas_cumprod)
 """
-from ldm.samplers.common import add_noise, alphas_at
+from ldm.samplers.common import add_noise, alpha_bar
 from ldm.samplers.ddim import ddim_step, ddim_timesteps, sample_ddim
 from ldm.samplers.ddpm import ddpm_step, sample_ddpm
 from ldm.samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde
@@ -21,9 +21,10 @@ from ldm.samplers.guidance import cfg
 from ldm.samplers.heun import sample_heun
 from ldm.samplers.plms import sample_plms
 from ldm.samplers.prediction import eps_from_v
-from ldm.samplers.sigmas import karras_timesteps
+from ldm.samplers.registry import SAMPLERS, Sampler, resolve, timesteps
+from ldm.samplers.schedules import SCHEDULES
 
-__all__ = ["add_noise", "alphas_at", "cfg", "ddim_step", "ddim_timesteps", "ddpm_step",
-           "eps_from_v", "karras_timesteps", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
-           "sample_dpmpp_2m_sde", "sample_euler", "sample_euler_ancestral", "sample_heun",
-           "sample_plms"]
+__all__ = ["SAMPLERS", "SCHEDULES", "Sampler", "add_noise", "alpha_bar", "cfg", "ddim_step",
+           "ddim_timesteps", "ddpm_step", "eps_from_v", "resolve", "sample_ddim", "sample_ddpm",
+           "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_euler", "sample_euler_ancestral",
+           "sample_heun", "sample_plms", "timesteps"]

@@ -6,19 +6,19 @@ import torch
 
 
 def add_noise(x0, noise, t, alphas_cumprod):
-    """x_t = sqrt(alphā_t) x0 + sqrt(1 - alphā_t) noise: a sample of q(x_t | x_0) (DDPM eq. 4).
+    """x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise: a sample of q(x_t | x_0) (DDPM eq. 4).
 
     img2img and inpainting use it to put a clean latent at the level of their first timestep.
     t: an int (same step for the whole batch) or a (B,) int64 tensor (one step per image);
-    fractional steps (a float, a float tensor) are interpolated as alphas_at does.
+    fractional steps (a float, a float tensor) are interpolated as alpha_bar does.
     The coefficients are computed in float64, then cast to x0's dtype and device.
     """
-    a = alphas_at(t, alphas_cumprod).cpu()
+    a = alpha_bar(t, alphas_cumprod).cpu()
     a = a.reshape(-1, *[1] * (x0.ndim - 1)).to(x0.device, x0.dtype)  # (B or 1, 1, 1, 1)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
-def alphas_at(t, alphas_cumprod):
+def alpha_bar(t, alphas_cumprod):
     """ᾱ_t in float64 on t's device; the table's value at integer t. At a fractional t (the
     Euler and DPM++ samplers' Karras steps) log σ_t, σ_t = √((1−ᾱ_t)/ᾱ_t), is interpolated
     linearly between the neighbouring trained steps, as k-diffusion's DiscreteSchedule does."""
@@ -60,10 +60,16 @@ def check_timesteps(timesteps, alphas_cumprod, fractional=False):
     return ts
 
 
-def alphas_of(timesteps, alphas_cumprod):
-    """[alphā_t for t in timesteps] as Python floats (float64)."""
+def alpha_bar_list(timesteps, alphas_cumprod):
+    """[ᾱ_t for t in timesteps] as Python floats (float64), for the loops' host-side math."""
     ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
     return ac[timesteps].tolist()
+
+
+def predict_x0(x, eps, a):
+    """The clean latent x_t implies given its noise: x0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t (DDPM eq. 15,
+    DDIM eq. 12). a: ᾱ_t, a float or a tensor broadcasting against x."""
+    return (x - (1 - a) ** 0.5 * eps) / a ** 0.5
 
 
 def full_t(t, x):

@@ -1,6 +1,6 @@
 """DDIM (Song et al. 2020, arXiv:2010.02502), as CompVis `ldm/models/diffusion/ddim.py` samples it.
 
-One step from t to the next visited step t' (alphā written a):
+One step from t to the next visited step t' (ᾱ written a):
     x0    = (x_t - sqrt(1 - a_t) ε) / sqrt(a_t)                          predicted clean latent (eq. 12)
     σ_t   = η sqrt((1 - a_t') / (1 - a_t)) sqrt(1 - a_t / a_t')            (eq. 16)
     x_t'  = sqrt(a_t') x0 + sqrt(1 - a_t' - σ_t²) ε + σ_t z,   z ~ N(0, I)
@@ -11,7 +11,7 @@ Shapes: x, ε, z (B, C, h, w); t (B,) int64 for eps_fn; alphas_cumprod (T,) floa
 """
 import torch
 
-from ldm.samplers.common import alphas_of, check_timesteps, full_t
+from ldm.samplers.common import alpha_bar_list, check_timesteps, full_t, predict_x0
 
 
 def ddim_timesteps(steps, num_train_steps=1000):
@@ -33,16 +33,16 @@ def ddim_timesteps(steps, num_train_steps=1000):
 
 
 def ddim_sigma(a_t, a_prev, eta):
-    """σ_t of eq. 16 for stepping from alphā a_t to alphā a_prev (floats)."""
+    """σ_t of eq. 16 for stepping from ᾱ a_t to ᾱ a_prev (floats)."""
     return eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
 
 
 def ddim_step(x, eps, a_t, a_prev, sigma=0.0, noise=None):
-    """One DDIM update. Returns (x at alphā a_prev, predicted x0), both (B, C, h, w).
+    """One DDIM update. Returns (x at ᾱ a_prev, predicted x0), both (B, C, h, w).
 
     a_t, a_prev, sigma: Python floats (float64); noise: z, needed only when sigma > 0.
     """
-    x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+    x0 = predict_x0(x, eps, a_t)
     dir_xt = (1 - a_prev - sigma ** 2) ** 0.5 * eps  # the "direction pointing to x_t"
     x_prev = a_prev ** 0.5 * x0 + dir_xt
     if sigma > 0:
@@ -62,10 +62,10 @@ def sample_ddim(eps_fn, x, timesteps, alphas_cumprod, *, eta=0.0, generator=None
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     ts = check_timesteps(timesteps, alphas_cumprod)
-    alphas = alphas_of(ts, alphas_cumprod)
-    # Quirk of the original: the last step goes to alphā_0 (≈ 0.99915), not to 1 (clean data),
+    alphas = alpha_bar_list(ts, alphas_cumprod)
+    # Quirk of the original: the last step goes to ᾱ_0 (≈ 0.99915), not to 1 (clean data),
     # so the result keeps a trace of noise, and with eta > 0 the last step still adds noise.
-    alphas_prev = alphas[1:] + alphas_of([0], alphas_cumprod)
+    alphas_prev = alphas[1:] + alpha_bar_list([0], alphas_cumprod)
     for i, (t, a_t, a_prev) in enumerate(zip(ts, alphas, alphas_prev)):
         eps = eps_fn(x, full_t(t, x))
         sigma = ddim_sigma(a_t, a_prev, eta)

@@ -1,7 +1,7 @@
 """DDPM ancestral sampling (Ho et al. 2020, arXiv:2006.11239), as the original's `p_sample`
 with the "fixed small" variance, over the full schedule or a strided subset of it.
 
-One step from t to the next visited step t' (alphā written a; a_t' = 1 after the last step):
+One step from t to the next visited step t' (ᾱ written a; a_t' = 1 after the last step):
     β_t   = 1 - a_t / a_t'                      (the training β_t when t' = t - 1)
     x0    = (x_t - sqrt(1 - a_t) ε) / sqrt(a_t)                               (eq. 15)
     μ     = sqrt(a_t') β_t / (1 - a_t) x0 + sqrt(1 - β_t) (1 - a_t') / (1 - a_t) x_t   (eq. 7)
@@ -14,16 +14,16 @@ Shapes: x, ε, z (B, C, h, w); t (B,) int64 for eps_fn; alphas_cumprod (T,) floa
 """
 import torch
 
-from ldm.samplers.common import alphas_of, check_timesteps, full_t
+from ldm.samplers.common import alpha_bar_list, check_timesteps, full_t, predict_x0
 
 
 def ddpm_step(x, eps, a_t, a_prev, noise=None):
-    """One ancestral step. Returns (x at alphā a_prev, predicted x0), both (B, C, h, w).
+    """One ancestral step. Returns (x at ᾱ a_prev, predicted x0), both (B, C, h, w).
 
     a_t, a_prev: Python floats (float64); noise: z, or None for the noiseless last step.
     """
     beta = 1 - a_t / a_prev
-    x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+    x0 = predict_x0(x, eps, a_t)
     mean = (a_prev ** 0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
     if noise is None:
         return mean, x0
@@ -35,7 +35,7 @@ def sample_ddpm(eps_fn, x, timesteps, alphas_cumprod, *, generator=None, callbac
     """Run ancestral sampling from x at timesteps[0] down through every timestep.
 
     timesteps: descending ints; torch.arange(999, -1, -1) is the full 1000-step chain.
-    Returns the clean latent (the last step goes to alphā = 1, unlike DDIM's alphā_0).
+    Returns the clean latent (the last step goes to ᾱ = 1, unlike DDIM's ᾱ_0).
     z is drawn on every step but the last as
     torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype),
     the same stream diffusers' DDPMScheduler draws from the same generator.
@@ -43,8 +43,8 @@ def sample_ddpm(eps_fn, x, timesteps, alphas_cumprod, *, generator=None, callbac
     x0 the step's prediction of the clean latent; a returned tensor replaces x.
     """
     ts = check_timesteps(timesteps, alphas_cumprod)
-    alphas = alphas_of(ts, alphas_cumprod)
-    alphas_prev = alphas[1:] + [1.0]  # the chain ends at x_0 itself: alphā = 1
+    alphas = alpha_bar_list(ts, alphas_cumprod)
+    alphas_prev = alphas[1:] + [1.0]  # the chain ends at x_0 itself: ᾱ = 1
     for i, (t, a_t, a_prev) in enumerate(zip(ts, alphas, alphas_prev)):
         eps = eps_fn(x, full_t(t, x))
         noise = None

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ldm.samplers.sigmas import prepare, report
+from ldm.samplers.sigmas import apply_callback, enter_sigma_space
 
 
 def sample_dpmpp_2m(eps_fn, x, timesteps, alphas_cumprod, *, callback=None):
@@ -38,7 +38,7 @@ def sample_dpmpp_2m_sde(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, genera
     as torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    ts, sigmas, denoise, x = prepare(eps_fn, x, timesteps, alphas_cumprod)
+    ts, sigmas, denoise, x = enter_sigma_space(eps_fn, x, timesteps, alphas_cumprod)
     x0_prev = None
     for i, t in enumerate(ts):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -56,5 +56,5 @@ def sample_dpmpp_2m_sde(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, genera
                 z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 x = x + sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * z
         x0_prev = x0
-        x = report(callback, i, t, x, sigma_next, x0)
+        x = apply_callback(callback, i, t, x, sigma_next, x0)
     return x

@@ -15,7 +15,7 @@ Shapes: x, d, z (B, C, h, w); timesteps descending, fractional allowed; alphas_c
 """
 import torch
 
-from ldm.samplers.sigmas import prepare, report
+from ldm.samplers.sigmas import apply_callback, enter_sigma_space
 
 
 def sample_euler(eps_fn, x, timesteps, alphas_cumprod, *, callback=None):
@@ -42,7 +42,7 @@ def sample_euler_ancestral(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, gen
     eta scales σ_up: 1 is k-diffusion's (and diffusers') Euler a, 0 is plain Euler."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    ts, sigmas, denoise, x = prepare(eps_fn, x, timesteps, alphas_cumprod)
+    ts, sigmas, denoise, x = enter_sigma_space(eps_fn, x, timesteps, alphas_cumprod)
     for i, t in enumerate(ts):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x0 = denoise(x, sigma, t)
@@ -51,5 +51,5 @@ def sample_euler_ancestral(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, gen
         if sigma_up > 0:
             x = x + sigma_up * torch.randn(x.shape, generator=generator, device=x.device,
                                            dtype=x.dtype)
-        x = report(callback, i, t, x, sigma_next, x0)
+        x = apply_callback(callback, i, t, x, sigma_next, x0)
     return x

@@ -11,14 +11,14 @@ Two network calls per step, except the last (to σ = 0, where d' is undefined): 
 
 Shapes: x, d (B, C, h, w); timesteps descending, fractional allowed; alphas_cumprod (T,).
 """
-from ldm.samplers.sigmas import prepare, report
+from ldm.samplers.sigmas import apply_callback, enter_sigma_space
 
 
 def sample_heun(eps_fn, x, timesteps, alphas_cumprod, *, callback=None):
     """Heun from x (SD's x_t at timesteps[0]) through every timestep to σ = 0; returns x0.
 
     2 len(timesteps) − 1 calls of eps_fn(x_t, t); callback(i, t, x, x0) as in sample_euler."""
-    ts, sigmas, denoise, x = prepare(eps_fn, x, timesteps, alphas_cumprod)
+    ts, sigmas, denoise, x = enter_sigma_space(eps_fn, x, timesteps, alphas_cumprod)
     for i, t in enumerate(ts):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x0 = denoise(x, sigma, t)
@@ -29,5 +29,5 @@ def sample_heun(eps_fn, x, timesteps, alphas_cumprod, *, callback=None):
         else:
             d_next = (x_euler - denoise(x_euler, sigma_next, ts[i + 1])) / sigma_next
             x = x + (sigma_next - sigma) * (d + d_next) / 2
-        x = report(callback, i, t, x, sigma_next, x0)
+        x = apply_callback(callback, i, t, x, sigma_next, x0)
     return x

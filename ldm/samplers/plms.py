@@ -14,7 +14,7 @@ this is the original's algorithm.
 
 Shapes: x, ε (B, C, h, w); t (B,) int64 for eps_fn; alphas_cumprod (T,) float64.
 """
-from ldm.samplers.common import alphas_of, check_timesteps, full_t
+from ldm.samplers.common import alpha_bar_list, check_timesteps, full_t
 from ldm.samplers.ddim import ddim_step
 
 # Adams–Bashforth weights on (ε_t, e_{-1}, e_{-2}, e_{-3}) and their divisor, keyed by how
@@ -32,16 +32,16 @@ def sample_plms(eps_fn, x, timesteps, alphas_cumprod, *, callback=None):
     Model calls: len(timesteps) + 1.
     """
     ts = check_timesteps(timesteps, alphas_cumprod)
-    alphas = alphas_of(ts, alphas_cumprod)
-    # As DDIM (same quirk): the last step goes to alphā_0, not to 1.
-    alphas_prev = alphas[1:] + alphas_of([0], alphas_cumprod)
+    alphas = alpha_bar_list(ts, alphas_cumprod)
+    # As DDIM (same quirk): the last step goes to ᾱ_0, not to 1.
+    alphas_prev = alphas[1:] + alpha_bar_list([0], alphas_cumprod)
     old_eps = []  # the model's ε of the last (up to) 3 steps, oldest first
     for i, (t, a_t, a_prev) in enumerate(zip(ts, alphas, alphas_prev)):
         eps = eps_fn(x, full_t(t, x))
         if not old_eps:
             x_next, _ = ddim_step(x, eps, a_t, a_prev)
             # Quirk of the original: t_next is min(i + 1, last), so with a single step the
-            # second call is at t itself (though x_next is already at alphā_0's level).
+            # second call is at t itself (though x_next is already at ᾱ_0's level).
             t_next = ts[min(i + 1, len(ts) - 1)]
             eps_prime = (eps + eps_fn(x_next, full_t(t_next, x))) / 2
         else:

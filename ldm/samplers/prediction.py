@@ -12,7 +12,7 @@ Shapes: x (B, C, h, w), t (B,) int64 (or float: fractional steps), v and ε like
 """
 import torch
 
-from ldm.samplers.common import alphas_at
+from ldm.samplers.common import alpha_bar
 
 PREDICTIONS = ("eps", "v")
 
@@ -21,7 +21,7 @@ def eps_from_v(v_model, alphas_cumprod):
     """eps_model(x, t, context) -> ε, from v_model(x, t, context) -> v.
 
     t: (B,) int64, or float for the fractional steps of the Euler / DPM++ samplers (ᾱ then
-    interpolated as common.alphas_at does). The schedule is copied to x's device once, not at
+    interpolated as common.alpha_bar does). The schedule is copied to x's device once, not at
     every step, and ᾱ_t gathered there: no host sync in the sampling loop.
     """
     alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
@@ -31,6 +31,6 @@ def eps_from_v(v_model, alphas_cumprod):
         v = v_model(x, t, context)
         if x.device not in on_device:
             on_device[x.device] = alphas_cumprod.to(x.device)
-        a = alphas_at(t, on_device[x.device]).reshape(-1, *[1] * (x.ndim - 1))  # (B, 1, 1, 1)
+        a = alpha_bar(t, on_device[x.device]).reshape(-1, *[1] * (x.ndim - 1))  # (B, 1, 1, 1)
         return a.sqrt().to(x.dtype) * v + (1 - a).sqrt().to(x.dtype) * x
     return eps_model

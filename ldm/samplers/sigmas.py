@@ -16,11 +16,11 @@ import math
 
 import torch
 
-from ldm.samplers.common import alphas_at, check_timesteps, sigmas_of
+from ldm.samplers.common import alpha_bar, check_timesteps, sigmas_of
 
 
 def sigma_to_t(sigma, alphas_cumprod):
-    """The fractional timestep whose interpolated σ is `sigma` (a float): alphas_at's inverse."""
+    """The fractional timestep whose interpolated σ is `sigma` (a float): alpha_bar's inverse."""
     log_sigmas = sigmas_of(alphas_cumprod).log()
     log_sigma = math.log(sigma)
     if not log_sigmas[0] <= log_sigma <= log_sigmas[-1]:
@@ -31,31 +31,17 @@ def sigma_to_t(sigma, alphas_cumprod):
     return low + w
 
 
-def karras_timesteps(steps, alphas_cumprod, rho=7.0):
-    """(steps,) float64 fractional timesteps, descending, whose σ are Karras et al.'s eq. 5:
-    σ_i = (σ_max^(1/ρ) + i/(n−1) (σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, from the schedule's largest σ
-    to its smallest; ρ = 7 crowds the steps at low noise. ("DPM++ 2M Karras" and friends.)"""
-    if not isinstance(steps, int) or steps < 2:
-        raise ValueError(f"steps must be an integer >= 2 for Karras σ, got {steps!r}")
-    sigmas = sigmas_of(alphas_cumprod)
-    lo, hi = sigmas[0].item() ** (1 / rho), sigmas[-1].item() ** (1 / rho)
-    karras = [(hi + i / (steps - 1) * (lo - hi)) ** rho for i in range(steps)]
-    # The ends are the first and last trained steps; (σ^(1/ρ))^ρ may round past them.
-    ts = [len(sigmas) - 1.0] + [sigma_to_t(s, alphas_cumprod) for s in karras[1:-1]] + [0.0]
-    return torch.tensor(ts, dtype=torch.float64)
-
-
 def step_sigmas(timesteps, alphas_cumprod):
     """The checked timesteps as Python numbers, and their σ with the final σ = 0 (clean)
     appended: len(timesteps) + 1 floats."""
     ts = check_timesteps(timesteps, alphas_cumprod, fractional=True)
     fractional = any(isinstance(t, float) for t in ts)
-    alphas = alphas_at(torch.tensor(ts, dtype=torch.float64 if fractional else torch.long),
+    alphas = alpha_bar(torch.tensor(ts, dtype=torch.float64 if fractional else torch.long),
                        alphas_cumprod).tolist()
     return ts, [((1 - a) / a) ** 0.5 for a in alphas] + [0.0]
 
 
-def prepare(eps_fn, x, timesteps, alphas_cumprod):
+def enter_sigma_space(eps_fn, x, timesteps, alphas_cumprod):
     """What every σ sampler starts from: the checked timesteps, their σ (σ = 0 appended), the
     denoiser D(x, σ, t) and x moved into σ space."""
     ts, sigmas = step_sigmas(timesteps, alphas_cumprod)
@@ -79,7 +65,7 @@ def to_sigma_space(x, sigma):
     return x * (sigma ** 2 + 1) ** 0.5
 
 
-def report(callback, i, t, x, sigma_next, x0):
+def apply_callback(callback, i, t, x, sigma_next, x0):
     """Call callback(i, t, x_t, x0) with x back in SD's form at the next σ; a returned x_t
     (inpainting's blend) comes back into σ space. Returns the σ-space x to continue from."""
     if callback is None:
