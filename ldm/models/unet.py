@@ -1,6 +1,7 @@
 """The Stable Diffusion U-Net: predicts the noise ε in a latent x_t, given t and the text.
 
     eps = unet(x, t, context)     x (B, 4, h, w), t (B,), context (B, 77, 768) -> (B, 4, h, w)
+    eps = unet(x, t, **cond)      cond = {"context": …} (+ "concat" for inpainting models)
 
 A hand-written copy of CompVis `openaimodel.UNetModel` as SD configures it; parameter names
 are the checkpoint's with `model.diffusion_model.` removed. The SD 1.5 blocks, for a 64×64
@@ -200,9 +201,12 @@ class UNetBlock(nn.Sequential):
 class UNet(nn.Module):
     """ε-prediction U-Net (see the module docstring for its blocks).
 
-    forward(x, t, context): x (B, in_channels, h, w), any h, w (multiples of
+    forward(x, t, context, concat=None): x (B, C_x, h, w), any h, w (multiples of
     `config.size_multiple` take the exact ×2 path of the original); t (B,) or a scalar, int or
-    float; context (B, M, context_dim) -> (B, out_channels, h, w) in x's dtype.
+    float; context (B, M, context_dim) -> (B, out_channels, h, w) in x's dtype. `concat`
+    (B, in_channels − C_x, h, w): extra input channels stacked after x's (an inpainting model's
+    mask and masked-image latents; CompVis's "c_concat"). The keyword names are the keys of the
+    conditioning dict the pipeline, guidance and training pass around: unet(x, t, **cond).
     """
 
     def __init__(self, config=UNetConfig()):
@@ -218,7 +222,12 @@ class UNet(nn.Module):
         self.out = nn.Sequential(GroupNorm32(c.norm_groups, c.model_channels), nn.SiLU(),
                                  zero_init(conv3x3(c.model_channels, c.out_channels)))
 
-    def forward(self, x, t, context):
+    def forward(self, x, t, context, concat=None):
+        if concat is not None:
+            if concat.ndim != 4 or concat.shape[0] != x.shape[0] or concat.shape[2:] != x.shape[2:]:
+                raise ValueError(f"concat must be ({x.shape[0]}, C, {x.shape[2]}, {x.shape[3]}) "
+                                 f"like x, got {tuple(concat.shape)}")
+            x = torch.cat([x, concat], dim=1)  # (B, in_channels, h, w)
         t = self._check_inputs(x, t, context)
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
         skips = []
@@ -237,7 +246,8 @@ class UNet(nn.Module):
         """Raise a ValueError naming the bad argument; return t as a (B,) tensor."""
         c = self.config
         if x.ndim != 4 or x.shape[1] != c.in_channels:
-            raise ValueError(f"x must be (B, {c.in_channels}, h, w), got {tuple(x.shape)}")
+            raise ValueError(f"x (with concat, if given) must be (B, {c.in_channels}, h, w), "
+                             f"got {tuple(x.shape)}")
         batch = x.shape[0]
         if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != c.context_dim:
             raise ValueError(f"context must be ({batch}, M, {c.context_dim}), "
