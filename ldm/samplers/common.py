@@ -1,4 +1,10 @@
-"""What every sampler shares: the forward process q(x_t | x_0) and the checks on a timestep list.
+"""What every sampler shares: ᾱ, the forward process q(x_t | x_0), x0 from ε, and the checks
+on a timestep list.
+
+ᾱ_t = ∏_{s ≤ t} (1 − β_s) is the one schedule quantity the samplers use. Its table is
+`alphas_cumprod` (diffusers' name, in every signature); `alpha_bar(t)` reads it at any t and
+`alpha_bar_list` at a list of steps; in a formula one value is `a` (`a_t`, and `a_prev` for the
+next visited step, as CompVis names it).
 
 Shapes: x, x0, noise (B, C, h, w); t an int or (B,) int64; alphas_cumprod (T,) float64.
 """
@@ -6,7 +12,7 @@ import torch
 
 
 def add_noise(x0, noise, t, alphas_cumprod):
-    """x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise: a sample of q(x_t | x_0) (DDPM eq. 4).
+    """x_t = √ᾱ_t x0 + √(1−ᾱ_t) noise: a sample of q(x_t | x_0) (DDPM eq. 4).
 
     img2img and inpainting use it to put a clean latent at the level of their first timestep.
     t: an int (same step for the whole batch) or a (B,) int64 tensor (one step per image);
@@ -68,7 +74,8 @@ def alpha_bar_list(timesteps, alphas_cumprod):
 
 def predict_x0(x, eps, a):
     """The clean latent x_t implies given its noise: x0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t (DDPM eq. 15,
-    DDIM eq. 12). a: ᾱ_t, a float or a tensor broadcasting against x."""
+    DDIM eq. 12), q(x_t | x_0) solved for x0. Every sampler's x0 from ε is this one.
+    x: x_t; a: ᾱ_t, a float or a tensor broadcasting against x."""
     return (x - (1 - a) ** 0.5 * eps) / a ** 0.5
 
 

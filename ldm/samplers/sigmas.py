@@ -4,7 +4,8 @@ arXiv:2206.00364, "Elucidating the design space of diffusion-based generative mo
 SD's latent at step t is x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε. Divided by √ᾱ_t it becomes
     x = x0 + σ_t ε,      σ_t = √((1−ᾱ_t) / ᾱ_t)        (σ from 0.029 at t = 0 to 14.6 at 999)
 and the network, fed x / √(σ²+1) = x_t, gives the denoised estimate
-    D(x, σ) = x − σ ε(x_t, t).
+    D(x, σ) = x − σ ε(x_t, t),
+which is predict_x0(x_t, ε, ᾱ_t) (common.py) with ᾱ_t = 1 / (1 + σ²), written in σ space.
 Between the 1000 trained steps, t and σ are linked by linear interpolation of log σ, as
 k-diffusion's DiscreteSchedule does; a fractional t is what the U-Net is then given.
 
@@ -16,7 +17,7 @@ import math
 
 import torch
 
-from ldm.samplers.common import alpha_bar, check_timesteps, sigmas_of
+from ldm.samplers.common import alpha_bar, check_timesteps, predict_x0, sigmas_of
 
 
 def sigma_to_t(sigma, alphas_cumprod):
@@ -36,9 +37,9 @@ def step_sigmas(timesteps, alphas_cumprod):
     appended: len(timesteps) + 1 floats."""
     ts = check_timesteps(timesteps, alphas_cumprod, fractional=True)
     fractional = any(isinstance(t, float) for t in ts)
-    alphas = alpha_bar(torch.tensor(ts, dtype=torch.float64 if fractional else torch.long),
-                       alphas_cumprod).tolist()
-    return ts, [((1 - a) / a) ** 0.5 for a in alphas] + [0.0]
+    alpha_bars = alpha_bar(torch.tensor(ts, dtype=torch.float64 if fractional else torch.long),
+                           alphas_cumprod).tolist()
+    return ts, [((1 - a) / a) ** 0.5 for a in alpha_bars] + [0.0]
 
 
 def enter_sigma_space(eps_fn, x, timesteps, alphas_cumprod):
@@ -56,7 +57,9 @@ def denoiser(eps_fn):
         dtype = torch.long if is_trained_step else torch.promote_types(x.dtype, torch.float32)
         t = torch.full((x.shape[0],), int(t) if is_trained_step else t, dtype=dtype,
                        device=x.device)
-        return x - sigma * eps_fn(x / (sigma ** 2 + 1) ** 0.5, t)
+        a = 1 / (1 + sigma ** 2)  # ᾱ at this σ
+        x_t = x * a ** 0.5        # SD's latent, what the network takes
+        return predict_x0(x_t, eps_fn(x_t, t), a)  # = x − σ ε
     return denoise
 
 
