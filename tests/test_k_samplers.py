@@ -134,6 +134,24 @@ def test_dpmpp_2m_first_step_is_ddim():
     assert rel_error(dpm_xs[1], ddim_xs[1]) > 1e-6  # from the second step on, second order
 
 
+@pytest.mark.parametrize("karras", [False, True])
+def test_euler_and_dpmpp_2m_are_their_noisy_variants_at_eta_zero(karras):
+    """Each has its own loop; at η = 0 the noisy variant takes the same steps: Euler a's
+    σ_up = 0 and σ_down = σ_{i+1} (Euler); 2M SDE's w = 1 − e^{−h} and
+    w D_i + ½ (w/r) (D_i − D_{i−1}) = w D' (2M). Every step's x agrees to float64 rounding."""
+    seed = fresh_seed()
+    eps_fn, x = toy_eps_fn(seed), randn(seed + 2, 2, 4, 5, 5)
+    ts = karras_timesteps(15, AC) if karras else ddim_timesteps(15)
+    for sampler, noisy_variant in [(sample_euler, sample_euler_ancestral),
+                                   (sample_dpmpp_2m, sample_dpmpp_2m_sde)]:
+        xs, xs_eta_zero = [], []
+        sampler(eps_fn, x, ts, AC, callback=lambda i, t, x, x0: xs.append(x))
+        noisy_variant(eps_fn, x, ts, AC, eta=0.0, generator=torch.Generator().manual_seed(seed),
+                      callback=lambda i, t, x, x0: xs_eta_zero.append(x))
+        assert len(xs) == len(xs_eta_zero) == len(ts)
+        assert max(rel_error(a, b) for a, b in zip(xs, xs_eta_zero)) < 1e-12
+
+
 def diffusers_loop(scheduler, eps_fn, x, generator=None):
     """diffusers' sampling loop from SD's x_t at the first step. The Euler schedulers step in σ
     space: x is put there as ours is, × √(σ²+1). (Their own init_noise_sigma is that with
