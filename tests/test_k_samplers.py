@@ -19,6 +19,7 @@ from ldm.samplers import (add_noise, alpha_bar, ddim_timesteps, eps_from_v,
                           sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde,
                           sample_euler, sample_euler_ancestral, sample_heun)
 from ldm.samplers.common import sigmas_of
+from ldm.samplers.plms import adams_bashforth_eps
 from ldm.samplers.schedules import karras as karras_timesteps
 from ldm.samplers.sigmas import sigma_to_t
 
@@ -150,6 +151,23 @@ def test_euler_and_dpmpp_2m_are_their_noisy_variants_at_eta_zero(karras):
                       callback=lambda i, t, x, x0: xs_eta_zero.append(x))
         assert len(xs) == len(xs_eta_zero) == len(ts)
         assert max(rel_error(a, b) for a, b in zip(xs, xs_eta_zero)) < 1e-12
+
+
+@pytest.mark.parametrize("order", [2, 3, 4])
+def test_plms_formulas_are_adams_bashforth_of_their_order(order):
+    """The k-th order Adams–Bashforth ε' integrates, over the coming step, the polynomial
+    through the last k values of ε: given ε(s) at steps s = −(k−1) … 0 of a polynomial of
+    degree k − 1, ε' is exactly its mean ∫₀¹ ε(s) ds; for degree k it is not (order exactly k)."""
+    g = torch.Generator().manual_seed(fresh_seed())
+
+    def error_on_polynomial(degree):
+        coeffs = torch.randn(degree + 1, 3, generator=g, dtype=torch.float64)  # 3 "pixels"
+        eps = [sum(c * s ** j for j, c in enumerate(coeffs)) for s in range(1 - order, 1)]
+        mean = sum(c / (j + 1) for j, c in enumerate(coeffs))  # ∫₀¹ Σ c_j s^j ds
+        return (adams_bashforth_eps(eps[-1], eps[:-1]) - mean).abs().max().item()
+
+    assert error_on_polynomial(order - 1) < 1e-12
+    assert error_on_polynomial(order) > 1e-6
 
 
 def diffusers_loop(scheduler, eps_fn, x, generator=None):
