@@ -1,10 +1,11 @@
 """DDIM (Song et al. 2020, arXiv:2010.02502), as CompVis `ldm/models/diffusion/ddim.py` samples it.
 
-One step from t to the next visited step t' (ᾱ written a):
-    x0    = (x_t - sqrt(1 - a_t) ε) / sqrt(a_t)                          predicted clean latent (eq. 12)
-    σ_t   = η sqrt((1 - a_t') / (1 - a_t)) sqrt(1 - a_t / a_t')            (eq. 16)
-    x_t'  = sqrt(a_t') x0 + sqrt(1 - a_t' - σ_t²) ε + σ_t z,   z ~ N(0, I)
-η = 0 is deterministic; η = 1 is DDPM's ancestral sampling over the visited steps.
+One step from t to the next visited step t' (in the code ᾱ_t is a_t and ᾱ_t' is a_prev):
+    x0    = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t                    predicted clean latent (eq. 12)
+    σ_t   = η √((1−ᾱ_t') / (1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_t')       (eq. 16)
+    x_t'  = √ᾱ_t' x0 + √(1−ᾱ_t'−σ_t²) ε + σ_t z,   z ~ N(0, I)
+η = 0 is deterministic; η = 1 is DDPM's ancestral sampling over the visited steps. (This σ_t
+is the size of the fresh noise, not the noise level σ of sigmas.py.)
 x0 is never clipped (the original does not clip it for latents).
 
 Shapes: x, ε, z (B, C, h, w); t (B,) int64 for eps_fn; alphas_cumprod (T,) float64.
@@ -33,7 +34,7 @@ def ddim_timesteps(steps, num_train_steps=1000):
 
 
 def ddim_sigma(a_t, a_prev, eta):
-    """σ_t of eq. 16 for stepping from ᾱ a_t to ᾱ a_prev (floats)."""
+    """σ_t of eq. 16, the fresh noise's size, for stepping from ᾱ = a_t to ᾱ = a_prev (floats)."""
     return eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
 
 
@@ -62,11 +63,11 @@ def sample_ddim(eps_fn, x, timesteps, alphas_cumprod, *, eta=0.0, generator=None
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     ts = check_timesteps(timesteps, alphas_cumprod)
-    alphas = alpha_bar_list(ts, alphas_cumprod)
+    alpha_bars = alpha_bar_list(ts, alphas_cumprod)
     # Quirk of the original: the last step goes to ᾱ_0 (≈ 0.99915), not to 1 (clean data),
     # so the result keeps a trace of noise, and with eta > 0 the last step still adds noise.
-    alphas_prev = alphas[1:] + alpha_bar_list([0], alphas_cumprod)
-    for i, (t, a_t, a_prev) in enumerate(zip(ts, alphas, alphas_prev)):
+    alpha_bars_prev = alpha_bars[1:] + alpha_bar_list([0], alphas_cumprod)
+    for i, (t, a_t, a_prev) in enumerate(zip(ts, alpha_bars, alpha_bars_prev)):
         eps = eps_fn(x, full_t(t, x))
         sigma = ddim_sigma(a_t, a_prev, eta)
         noise = None

@@ -1,12 +1,13 @@
 """DDPM ancestral sampling (Ho et al. 2020, arXiv:2006.11239), as the original's `p_sample`
 with the "fixed small" variance, over the full schedule or a strided subset of it.
 
-One step from t to the next visited step t' (ᾱ written a; a_t' = 1 after the last step):
-    β_t   = 1 - a_t / a_t'                      (the training β_t when t' = t - 1)
-    x0    = (x_t - sqrt(1 - a_t) ε) / sqrt(a_t)                               (eq. 15)
-    μ     = sqrt(a_t') β_t / (1 - a_t) x0 + sqrt(1 - β_t) (1 - a_t') / (1 - a_t) x_t   (eq. 7)
-    β̃_t   = (1 - a_t') / (1 - a_t) β_t           posterior variance, "fixed small"
-    x_t'  = μ + sqrt(β̃_t) z,   z ~ N(0, I), except on the last step (β̃ = 0 there)
+One step from t to the next visited step t' (ᾱ_t' = 1 after the last step; in the code ᾱ_t
+is a_t and ᾱ_t' is a_prev):
+    β_t   = 1 − ᾱ_t/ᾱ_t'                          (the training β_t when t' = t − 1)
+    x0    = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t                                          (eq. 15)
+    μ     = √ᾱ_t' β_t / (1−ᾱ_t) x0 + √(1−β_t) (1−ᾱ_t') / (1−ᾱ_t) x_t            (eq. 7)
+    β̃_t   = (1−ᾱ_t') / (1−ᾱ_t) β_t                posterior variance, "fixed small"
+    x_t'  = μ + √β̃_t z,   z ~ N(0, I), except on the last step (β̃ = 0 there)
 x0 is not clipped, as diffusers' clip_sample=False. (The original's LatentDiffusion inherits
 DDPM's clip_denoised=True and clamps x0 to [-1, 1]; that range is the pixels', not the latents'.)
 
@@ -24,7 +25,8 @@ def ddpm_step(x, eps, a_t, a_prev, noise=None):
     """
     beta = 1 - a_t / a_prev
     x0 = predict_x0(x, eps, a_t)
-    mean = (a_prev ** 0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
+    mean = ((a_prev ** 0.5 * beta / (1 - a_t)) * x0
+            + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x)  # μ, eq. 7
     if noise is None:
         return mean, x0
     variance = (1 - a_prev) / (1 - a_t) * beta
@@ -43,9 +45,9 @@ def sample_ddpm(eps_fn, x, timesteps, alphas_cumprod, *, generator=None, callbac
     x0 the step's prediction of the clean latent; a returned tensor replaces x.
     """
     ts = check_timesteps(timesteps, alphas_cumprod)
-    alphas = alpha_bar_list(ts, alphas_cumprod)
-    alphas_prev = alphas[1:] + [1.0]  # the chain ends at x_0 itself: ᾱ = 1
-    for i, (t, a_t, a_prev) in enumerate(zip(ts, alphas, alphas_prev)):
+    alpha_bars = alpha_bar_list(ts, alphas_cumprod)
+    alpha_bars_prev = alpha_bars[1:] + [1.0]  # the chain ends at x_0 itself: ᾱ = 1
+    for i, (t, a_t, a_prev) in enumerate(zip(ts, alpha_bars, alpha_bars_prev)):
         eps = eps_fn(x, full_t(t, x))
         noise = None
         if i < len(ts) - 1:
