@@ -25,12 +25,13 @@ import torch
 
 
 class CUDAGraphed:
-    """fn(*tensors) -> tensor, replayed from a CUDA graph recorded per input signature.
+    """fn(*tensors, **tensors) -> tensor, replayed from a CUDA graph recorded per input
+    signature (positions, keyword names, shapes, dtypes, devices).
 
     module: the nn.Module whose parameters fn reads (checked for moves before each call);
-    fn: defaults to the module itself. Example, for the U-Net's (x, t, context):
+    fn: defaults to the module itself. Example, for the U-Net's (x, t, **cond):
         unet_step = CUDAGraphed(unet)      # x (B, 4, h, w), t (B,), context (B, 77, D)
-        eps = unet_step(x, t, context)     # the same ε as unet(x, t, context)
+        eps = unet_step(x, t, **cond)      # the same ε as unet(x, t, **cond)
     """
 
     def __init__(self, module, fn=None, warmup_calls=2):
@@ -40,16 +41,17 @@ class CUDAGraphed:
         self.graphs = {}  # signature -> (graph, static inputs, static output)
         self._weights = None  # the parameters' addresses the graphs were recorded with
 
-    def __call__(self, *inputs):
+    def __call__(self, *args, **kwargs):
+        inputs = [*args, *kwargs.values()]
         if not all(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs):
-            return self.fn(*inputs)
+            return self.fn(*args, **kwargs)
         weights = [p.data_ptr() for p in self.module.parameters()]
         if weights != self._weights:
             self.reset()
             self._weights = weights
-        signature = tuple((x.shape, x.dtype, x.device) for x in inputs)
+        signature = (len(args), *kwargs, *((x.shape, x.dtype, x.device) for x in inputs))
         if signature not in self.graphs:
-            self.graphs[signature] = self._record(inputs)
+            self.graphs[signature] = self._record(args, kwargs)
         graph, static_inputs, static_output = self.graphs[signature]
         for static, x in zip(static_inputs, inputs):
             static.copy_(x)
@@ -61,16 +63,17 @@ class CUDAGraphed:
         self.graphs.clear()
         self._weights = None
 
-    def _record(self, inputs):
-        with torch.cuda.device(inputs[0].device):
-            static_inputs = [x.clone() for x in inputs]
+    def _record(self, args, kwargs):
+        with torch.cuda.device(args[0].device):
+            static_args = [x.clone() for x in args]
+            static_kwargs = {name: x.clone() for name, x in kwargs.items()}
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(self.warmup_calls):
-                    self.fn(*static_inputs)
+                    self.fn(*static_args, **static_kwargs)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_output = self.fn(*static_inputs)
-        return graph, static_inputs, static_output
+                static_output = self.fn(*static_args, **static_kwargs)
+        return graph, [*static_args, *static_kwargs.values()], static_output

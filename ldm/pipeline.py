@@ -7,12 +7,23 @@
     z = pipe.vae.encode(images).mean * pipe.scale_factor              # images (B, 3, 8h, 8w)
     images = pipe.vae.decode(z / pipe.scale_factor)
 
-Device and dtype are decided here, once; the model code never names a device.
+txt2img, img2img and inpaint are the same three stages, each a method of its own:
 
-On a GPU, `pipe.cuda_graphs = True` replays the U-Net's forward from a CUDA graph at every
-step (ldm/cuda_graph.py), and `pipe.unet.to(memory_format=torch.channels_last)` spares cuDNN
-its layout conversions; both are off by default until a GPU run has measured them.
+    cond, uncond = pipe.encode_prompt(prompts, negative)     prompt -> conditioning dicts
+    z = pipe.denoise(x_T, cond, uncond, timesteps, ...)       the sampling loop
+    images = pipe.decode_latents(z)                           latents -> images
+
+Conditioning is a dict of U-Net keyword inputs, {"context": (B, 77, D)} (+ "concat" for an
+inpainting model): it is built here once per prompt, guidance batches every entry, and the
+U-Net is called unet(x, t, **cond). A new conditioning input is one more entry built in
+`encode_prompt` (or in the task that has it, as inpaint's "concat") and one keyword of the U-Net.
+
+Device and dtype are decided here, once; the model code never names a device. On a GPU,
+`pipe.cuda_graphs = True` replays the U-Net's forward from a CUDA graph at every step
+(ldm/cuda_graph.py), and `pipe.unet.to(memory_format=torch.channels_last)` spares cuDNN its
+layout conversions; both are off by default until a GPU run has measured them.
 """
+import copy
 import sys
 from dataclasses import dataclass
 
@@ -20,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm import samplers, schedule
+from ldm import samplers
+from ldm import schedule as noise_schedule
 from ldm.config import ModelConfig
 from ldm.cuda_graph import CUDAGraphed
 from ldm.images import mask_to_tensor, to_pil, to_tensor
@@ -29,6 +41,11 @@ from ldm.models.open_clip_text import OpenCLIPTextModel
 from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL
 from ldm.tokenizer import CLIPTokenizer
+
+# Text encoder and tokenizer of each family (ModelConfig.text_encoder): SD 1.x, SD 2.x.
+TEXT_ENCODERS = {"clip": (CLIPTextModel, CLIPTokenizer),
+                 "open_clip": (OpenCLIPTextModel, CLIPTokenizer.open_clip)}
+OUTPUT_TYPES = ("pil", "latent", "tensor")
 
 
 class StableDiffusion(nn.Module):
@@ -51,7 +68,7 @@ class StableDiffusion(nn.Module):
         # Kept in float64 on the CPU (not a buffer) so that .half() cannot round it, and built
         # there even when the networks are built on the meta device for loading.
         with torch.device("cpu"):
-            self.alphas_cumprod = schedule.alphas_cumprod()
+            self.alphas_cumprod = noise_schedule.alphas_cumprod()
         self.cuda_graphs = False
         self._unet_graphs = CUDAGraphed(self.unet)
 
@@ -59,19 +76,36 @@ class StableDiffusion(nn.Module):
         """{"unet": …, "vae": …, "text_encoder": …}: the modules whose weights a checkpoint holds."""
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
 
-    # ---------------------------------------------------------------- generation
     @property
     def device(self):
-        return self.unet.out[2].weight.device
+        """Where the U-Net's weights are, hence where sampling runs."""
+        return next(self.unet.parameters()).device
 
     @property
     def dtype(self):
-        return self.unet.out[2].weight.dtype
+        return next(self.unet.parameters()).dtype
 
+    # ---------------------------------------------------------------- prompt -> conditioning
     def encode_text(self, prompts):
         """B prompts -> (B, 77, D) text embeddings: the U-Net's cross-attention context."""
         return self.text_encoder(self.tokenizer(prompts).to(self.device))
 
+    def encode_prompt(self, prompt, negative_prompt="", *, num_images=1):
+        """(cond, uncond): the conditioning dicts of guidance's two halves, each
+        {"context": (B · num_images, 77, D)}, images of one prompt next to each other.
+
+        prompt / negative_prompt: a string or a list (one negative per prompt); the negative
+        prompt takes the place of the empty prompt of classifier-free guidance.
+        """
+        if not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = _per_prompt(negative_prompt, len(prompts))
+        cond = {"context": self.encode_text(prompts).repeat_interleave(num_images, dim=0)}
+        uncond = {"context": self.encode_text(negatives).repeat_interleave(num_images, dim=0)}
+        return cond, uncond
+
+    # ---------------------------------------------------------------- images in and out
     def encode_image(self, images, generator=None):
         """(B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) scaled latents, drawn from the posterior
         as the original `get_first_stage_encoding` does. `generator` is a CPU generator."""
@@ -80,125 +114,166 @@ class StableDiffusion(nn.Module):
         return posterior.sample(noise=noise) * self.scale_factor
 
     def decode_latents(self, latents):
-        """(B, 4, h, w) scaled latents -> (B, 3, 8h, 8w) images in about [-1, 1]."""
+        """(B, 4, h, w) scaled latents -> (B, 3, 8h, 8w) images in about [-1, 1].
+
+        float16 can overflow in the VAE's last up-blocks (SD's known black images); such a batch
+        is decoded again in float32 by a temporary copy of the VAE, and returned in float32. The
+        pipeline's own VAE is never cast, so a model shared between threads or recorded in a
+        CUDA graph stays as it is.
+        """
         images = self.vae.decode(latents / self.scale_factor)
-        # fp16 can overflow in the VAE's last up-blocks (SD's known black images): redo in fp32.
         if images.dtype == torch.float16 and not torch.isfinite(images).all():
-            images = self.vae.float().decode(latents.float() / self.scale_factor)
-            self.vae.half()
+            vae = copy.deepcopy(self.vae).float()
+            images = vae.decode(latents.float() / self.scale_factor)
         return images
 
+    # ---------------------------------------------------------------- the sampling loop
+    def denoise(self, x, cond, uncond, timesteps, *, sampler="ddim", cfg_scale=7.5, eta=0.0,
+                generator=None, callback=None, progress=None):
+        """Run `sampler` from x at timesteps[0] through every timestep; returns the final latent.
+
+        x: (B, 4, h, w) noisy latents; cond, uncond: conditioning dicts (`encode_prompt`);
+        timesteps: descending (`samplers.timesteps`); sampler: a name or a `samplers.Sampler`;
+        eta: DDIM's η. generator: a CPU generator for the samplers that draw noise at every
+        step. callback(i, t, x, x0) runs after every step and may return a replacement x;
+        progress: a step counter on stderr (default: when stderr is a terminal).
+        """
+        entry = sampler if isinstance(sampler, samplers.Sampler) else samplers.resolve(sampler)[0]
+        model = self._network()
+        if self.config.prediction == "v":
+            model = samplers.eps_from_v(model, self.alphas_cumprod)
+        eps_fn = samplers.cfg(model, cond, uncond, cfg_scale)
+        options = {"eta": eta} if entry.takes_eta else {}
+        if entry.noisy:
+            options["generator"] = _on_device(generator, self.device)
+        if progress is None:
+            progress = sys.stderr.isatty()  # no \r-redrawn lines in logs and notebooks
+        callback = _chain(callback, _progress_bar(len(timesteps)) if progress else None)
+        return entry.sample(eps_fn, x, timesteps, self.alphas_cumprod, callback=callback,
+                            **options)
+
+    def _network(self):
+        """The U-Net as the samplers' model, (x, t, cond) -> ε (or v); replayed from CUDA graphs
+        when `cuda_graphs` is on."""
+        unet = self.unet
+        if self.cuda_graphs and self.device.type == "cuda":
+            if self._unet_graphs.module is not self.unet:  # the U-Net was swapped for another
+                self._unet_graphs = CUDAGraphed(self.unet)
+            unet = self._unet_graphs
+        return lambda x, t, cond: unet(x, t, **cond)
+
+    # ---------------------------------------------------------------- the three tasks
     @torch.inference_mode()
-    def txt2img(self, prompt, negative_prompt="", steps=None, sampler=None, cfg_scale=None,
-                height=None, width=None, seed=None, latents=None, output_type="pil", *,
-                num_images=1, eta=0.0, generator=None, callback=None, progress=None):
+    def txt2img(self, prompt, *, negative_prompt="", steps=None, sampler=None, schedule=None,
+                cfg_scale=None, height=None, width=None, num_images=1, seed=None,
+                generator=None, latents=None, eta=0.0, output_type="pil", callback=None,
+                progress=None):
         """Generate images from text. Returns a list of PIL images ("pil"), the final latents
         (B, 4, h, w) before the VAE ("latent"), or images (B, 3, H, W) in [-1, 1] ("tensor").
 
-        prompt / negative_prompt: a string or a list (one per image); the negative prompt
-        replaces the empty prompt of classifier-free guidance. steps, sampler (one of SAMPLERS:
-        "ddim", "plms", "ddpm", then k-diffusion's "euler", "euler_a", "heun", "dpmpp_2m",
-        "dpmpp_2m_sde", each of those also with "_karras" σ steps) and cfg_scale default to
-        the model's `config.sampling` (SD: 50, DDIM, 7.5), height/width to its native size.
-        eta: DDIM's η (Euler a and DPM++ 2M SDE always add their full noise). `seed` or a CPU `generator` fixes the noise (drawn on
-        the CPU in float32, then moved, so a seed means the same start on any device);
-        `latents` (B, 4, h, w) gives the starting noise explicitly. `progress`: show a step
-        counter on stderr (default: when stderr is a terminal); `callback(i, t, x, x0)` runs
-        after every step and may return a replacement x.
+        prompt / negative_prompt: a string or a list (one per prompt), num_images per prompt.
+        sampler: a name in `samplers.SAMPLERS` ("ddim", "euler_a", "dpmpp_2m", …; "…_karras"
+        names the schedule too); schedule: one of `samplers.SCHEDULES` ("karras", …; default:
+        the sampler's). steps, sampler and cfg_scale default to the model's `config.sampling`
+        (SD: 50, DDIM, 7.5), height/width to its native size. `seed` or a CPU `generator`
+        fixes the noise (drawn on the CPU in float32, then moved, so a seed means the same
+        start on any device); `latents` (B, 4, h, w) gives the starting noise explicitly.
+        eta, callback, progress: see `denoise`.
         """
         self._require_plain_unet("txt2img")
-        job = self._prepare(prompt, negative_prompt, num_images, steps, sampler, cfg_scale,
-                            output_type, eta)
+        plan = self._plan(steps, sampler, schedule, cfg_scale, eta, output_type)
         h, w = self._latent_size(height, width)
+        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images)
         generator = _generator(seed, generator)
-        x = self._initial_noise(latents, (job.batch, self.unet.config.out_channels, h, w),
-                                generator)
-        return self._run(job, x, job.timesteps, generator, callback, progress)
+        batch = len(cond["context"])
+        x = self._initial_noise(latents, (batch, self.unet.config.out_channels, h, w), generator)
+        z = self.denoise(x, cond, uncond, plan.timesteps, **plan.options(generator, callback,
+                                                                         progress))
+        return self._output(z, output_type)
 
     @torch.inference_mode()
-    def img2img(self, image, prompt, strength=0.75, negative_prompt="", steps=None, sampler=None,
-                cfg_scale=None, seed=None, output_type="pil", *, num_images=1, eta=0.0,
-                generator=None, callback=None, progress=None):
+    def img2img(self, image, prompt, *, strength=0.75, negative_prompt="", steps=None,
+                sampler=None, schedule=None, cfg_scale=None, num_images=1, seed=None,
+                generator=None, eta=0.0, output_type="pil", callback=None, progress=None):
         """Re-imagine `image` (PIL, list, or (B, 3, H, W) in [-1, 1]) following `prompt`.
 
         strength in (0, 1]: the share of the `steps` schedule that is re-run; the image is
-        noised to the first of those steps, then denoised to the end.
+        noised to the first of those steps, then denoised to the end. The other arguments as
+        in txt2img.
         """
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         self._require_plain_unet("img2img")
-        job = self._prepare(prompt, negative_prompt, num_images, steps, sampler, cfg_scale,
-                            output_type, eta)
+        plan = self._plan(steps, sampler, schedule, cfg_scale, eta, output_type)
+        pixels = to_tensor(image)
+        self._latent_size(*pixels.shape[-2:])
+        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images)
         generator = _generator(seed, generator)
-        z0 = self._encode_init_image(image, job.batch, generator)
+        z0 = self.encode_image(_batch(pixels, len(cond["context"]), "image"), generator)
         # The original script runs int(strength * steps) steps; at least one, or nothing happens.
-        timesteps = job.timesteps[len(job.timesteps) - max(1, int(strength * len(job.timesteps))):]
+        steps = len(plan.timesteps)
+        timesteps = plan.timesteps[steps - max(1, int(strength * steps)):]
         x = samplers.add_noise(z0, self._noise(z0.shape, generator), timesteps[0],
                                self.alphas_cumprod)
-        return self._run(job, x, timesteps, generator, callback, progress)
+        z = self.denoise(x, cond, uncond, timesteps, **plan.options(generator, callback,
+                                                                    progress))
+        return self._output(z, output_type)
 
     @torch.inference_mode()
-    def inpaint(self, image, mask, prompt, negative_prompt="", steps=None, sampler=None,
-                cfg_scale=None, seed=None, output_type="pil", *, num_images=1, eta=0.0,
-                generator=None, callback=None, progress=None):
+    def inpaint(self, image, mask, prompt, *, negative_prompt="", steps=None, sampler=None,
+                schedule=None, cfg_scale=None, num_images=1, seed=None, generator=None, eta=0.0,
+                output_type="pil", callback=None, progress=None):
         """Repaint the white part of `mask` in `image` following `prompt`.
 
         With an inpainting checkpoint (9 input channels) the U-Net sees the mask and the
-        masked image, as trained. With an ordinary one, the original latent blending is used:
-        after every step the known region is replaced by the source latents noised to that step.
+        masked image as its "concat" conditioning, as trained. With an ordinary one, the
+        original latent blending is used: after every step the known region is replaced by the
+        source latents noised to that step. The other arguments as in txt2img.
         """
-        job = self._prepare(prompt, negative_prompt, num_images, steps, sampler, cfg_scale,
-                            output_type, eta)
-        generator = _generator(seed, generator)
-        pixels = to_tensor(image)
-        repaint = mask_to_tensor(mask)
+        plan = self._plan(steps, sampler, schedule, cfg_scale, eta, output_type)
+        pixels, repaint = to_tensor(image), mask_to_tensor(mask)
         if repaint.shape[-2:] != pixels.shape[-2:]:
             raise ValueError(f"mask size {tuple(repaint.shape[-2:])} differs from image size "
                              f"{tuple(pixels.shape[-2:])}")
         size = self._latent_size(*pixels.shape[-2:])
-        pixels, repaint = _batch(pixels, job.batch, "image"), _batch(repaint, job.batch, "mask")
-        latent_mask = F.interpolate(repaint, size=size, mode="nearest")
-        latent_mask = latent_mask.to(self.device, self.dtype)
-        x = self._noise((job.batch, self.unet.config.out_channels, *latent_mask.shape[-2:]),
-                        generator)
+        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images)
+        generator = _generator(seed, generator)
+        batch = len(cond["context"])
+        pixels, repaint = _batch(pixels, batch, "image"), _batch(repaint, batch, "mask")
+        latent_mask = F.interpolate(repaint, size=size, mode="nearest").to(self.device, self.dtype)
+        x = self._noise((batch, self.unet.config.out_channels, *size), generator)
+        options = plan.options(generator, callback, progress)
         if self.unet.config.in_channels == 9:
+            # The original `LatentInpaintDiffusion` order: [mask (1), masked-image latents (4)],
+            # stacked after the 4 noisy latent channels; the same for both guidance halves.
             masked = self.encode_image(pixels * (1 - repaint), generator)
-            job.eps_model = _with_inpainting_inputs(job.eps_model, latent_mask, masked)
-            return self._run(job, x, job.timesteps, generator, callback, progress)
-        z0 = self.encode_image(pixels, generator)
-        blend = self._latent_blending(z0, latent_mask, job.timesteps, generator)
-        return self._run(job, x, job.timesteps, generator, _chain(blend, callback), progress)
+            concat = torch.cat([latent_mask, masked], dim=1)  # (B, 5, h, w)
+            cond, uncond = {**cond, "concat": concat}, {**uncond, "concat": concat}
+        else:
+            z0 = self.encode_image(pixels, generator)
+            blend = self._latent_blending(z0, latent_mask, plan.timesteps, generator)
+            options["callback"] = _chain(blend, options["callback"])
+        z = self.denoise(x, cond, uncond, plan.timesteps, **options)
+        return self._output(z, output_type)
 
     # ---------------------------------------------------------------- helpers
-    def _prepare(self, prompt, negative_prompt, num_images, steps, sampler, cfg_scale,
-                 output_type, eta):
+    def _plan(self, steps, sampler, schedule, cfg_scale, eta, output_type):
+        """The sampling settings, the model's defaults filled in, checked before any work."""
         defaults = self.config.sampling
+        entry, schedule = samplers.resolve(defaults.sampler if sampler is None else sampler,
+                                           schedule)
         steps = defaults.steps if steps is None else steps
-        sampler = defaults.sampler if sampler is None else sampler
-        cfg_scale = defaults.cfg_scale if cfg_scale is None else cfg_scale
-        sampler, schedule = samplers.resolve(sampler)
         _check_choice("output_type", output_type, OUTPUT_TYPES)
-        timesteps = samplers.timesteps(sampler, schedule, steps, self.alphas_cumprod)
-        if not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = _per_prompt(negative_prompt, len(prompts))
-        cond = self.encode_text(prompts).repeat_interleave(num_images, dim=0)
-        uncond = self.encode_text(negatives).repeat_interleave(num_images, dim=0)
-        return _Job(batch=cond.shape[0], cond=cond, uncond=uncond, cfg_scale=cfg_scale,
-                    sampler=sampler, eta=eta, output_type=output_type,
-                    eps_model=self._unet_step(),
-                    timesteps=timesteps)
+        return _Plan(entry, samplers.timesteps(entry, schedule, steps, self.alphas_cumprod),
+                     defaults.cfg_scale if cfg_scale is None else cfg_scale, eta)
 
-    def _unet_step(self):
-        """The U-Net as the samplers call it: (x, t, context) -> ε, from CUDA graphs if asked."""
-        if not (self.cuda_graphs and self.device.type == "cuda"):
-            return self.unet
-        if self._unet_graphs.module is not self.unet:  # the U-Net was swapped for another
-            self._unet_graphs = CUDAGraphed(self.unet)
-        return self._unet_graphs
+    def _output(self, latents, output_type):
+        if output_type == "latent":
+            return latents
+        images = self.decode_latents(latents)
+        return images if output_type == "tensor" else to_pil(images)
 
     def _require_plain_unet(self, task):
         if self.unet.config.in_channels != self.unet.config.out_channels:
@@ -225,11 +300,6 @@ class StableDiffusion(nn.Module):
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         return latents.to(self.device, self.dtype)
 
-    def _encode_init_image(self, image, batch, generator):
-        pixels = to_tensor(image)
-        self._latent_size(*pixels.shape[-2:])
-        return self.encode_image(_batch(pixels, batch, "image"), generator)
-
     def _latent_blending(self, z0, mask, timesteps, generator):
         """A step callback for ordinary checkpoints: outside the mask, put back the source
         latents noised afresh to the step just reached (clean after the last step), as the
@@ -242,48 +312,20 @@ class StableDiffusion(nn.Module):
             return mask * x + (1 - mask) * known
         return blend
 
-    def _run(self, job, x, timesteps, generator, callback, progress):
-        eps_model = job.eps_model
-        if self.config.prediction == "v":  # outside the inpainting inputs: x is the 4-ch latent
-            eps_model = samplers.eps_from_v(eps_model, self.alphas_cumprod)
-        eps_fn = samplers.cfg(eps_model, job.cond, job.uncond, job.cfg_scale)
-        # The samplers draw their per-step noise (NOISY_SAMPLERS) on the latents' device; seed
-        # a generator there from ours.
-        if self.device.type != "cpu":
-            seed = int(torch.randint(2**62, (), generator=generator))
-            generator = torch.Generator(self.device).manual_seed(seed)
-        if progress is None:
-            progress = sys.stderr.isatty()  # no \r-redrawn lines in logs and notebooks
-        callback = _chain(callback, _progress_bar(len(timesteps)) if progress else None)
-        options = {"eta": job.eta} if job.sampler.takes_eta else {}
-        if job.sampler.noisy:
-            options["generator"] = generator
-        x0 = job.sampler.sample(eps_fn, x, timesteps, self.alphas_cumprod, callback=callback,
-                                **options)
-        if job.output_type == "latent":
-            return x0
-        images = self.decode_latents(x0)
-        return images if job.output_type == "tensor" else to_pil(images)
 
-
-# Text encoder and tokenizer of each family (ModelConfig.text_encoder): SD 1.x, SD 2.x.
-TEXT_ENCODERS = {"clip": (CLIPTextModel, CLIPTokenizer),
-                 "open_clip": (OpenCLIPTextModel, CLIPTokenizer.open_clip)}
-OUTPUT_TYPES = ("pil", "latent", "tensor")
-
-
-@dataclass
-class _Job:
-    """What every generation shares: the batch's text embeddings and the sampler settings."""
-    batch: int
-    cond: torch.Tensor      # (B, 77, D)
-    uncond: torch.Tensor    # (B, 77, D)
-    cfg_scale: float
+@dataclass(frozen=True)
+class _Plan:
+    """A task's sampling settings: the sampler, the timesteps of the whole schedule (img2img
+    runs a tail of them), guidance scale and DDIM's η."""
     sampler: samplers.Sampler
-    eta: float
-    output_type: str
-    eps_model: object       # (x, t, context) -> the U-Net's ε (or v), with inpainting inputs
     timesteps: torch.Tensor
+    cfg_scale: float
+    eta: float
+
+    def options(self, generator, callback, progress):
+        """denoise's keyword arguments."""
+        return dict(sampler=self.sampler, cfg_scale=self.cfg_scale, eta=self.eta,
+                    generator=generator, callback=callback, progress=progress)
 
 
 def _generator(seed, generator):
@@ -299,6 +341,15 @@ def _generator(seed, generator):
     else:
         fresh.manual_seed(int(seed))
     return fresh
+
+
+def _on_device(generator, device):
+    """The samplers draw their per-step noise on the latents' device: a generator there, seeded
+    from the CPU one (itself on the CPU)."""
+    if device.type == "cpu" or generator is None:
+        return generator
+    seed = int(torch.randint(2**62, (), generator=generator))
+    return torch.Generator(device).manual_seed(seed)
 
 
 def _check_choice(name, value, allowed):
@@ -320,17 +371,6 @@ def _batch(tensor, batch, name):
     if tensor.shape[0] == 1:
         return tensor.expand(batch, *tensor.shape[1:])
     raise ValueError(f"{name} has a batch of {tensor.shape[0]}, expected 1 or {batch}")
-
-
-def _with_inpainting_inputs(unet, mask, masked_latents):
-    """The 9-channel U-Net's input: [latents (4), mask (1), masked-image latents (4)], the
-    order the original `LatentInpaintDiffusion` concatenates them in."""
-    extra = torch.cat([mask, masked_latents], dim=1)  # (B, 5, h, w)
-
-    def eps_model(x, t, context):
-        copies = x.shape[0] // extra.shape[0]  # guidance runs [uncond, cond] in one batch
-        return unet(torch.cat([x, extra.repeat(copies, 1, 1, 1)], dim=1), t, context)
-    return eps_model
 
 
 def _chain(*callbacks):

@@ -131,7 +131,8 @@ class DiffusionObjective(nn.Module):
     def forward(self, latents, ids, t, noise):
         alpha_bar = self.alphas_cumprod[t].to(latents.dtype)[:, None, None, None]  # (B, 1, 1, 1)
         noisy = alpha_bar.sqrt() * latents + (1.0 - alpha_bar).sqrt() * noise
-        return F.mse_loss(self.unet(noisy, t, self.text_encoder(ids)), noise)
+        cond = {"context": self.text_encoder(ids)}  # the conditioning dict, as when sampling
+        return F.mse_loss(self.unet(noisy, t, **cond), noise)
 
 
 @dataclass

@@ -139,7 +139,8 @@ def test_inpainting_model_sees_mask_and_masked_image():
     pipe = random_pipe(config, seed=11)
     seen = []
     forward = pipe.unet.forward
-    pipe.unet.forward = lambda x, t, ctx: seen.append(x) or forward(x, t, ctx)
+    pipe.unet.forward = lambda x, t, context, concat: (seen.append(torch.cat([x, concat], 1))
+                                                       or forward(x, t, context, concat))
     image = torch.rand(1, 3, SIZE, SIZE) * 2 - 1
     mask = torch.zeros(1, 1, SIZE, SIZE)
     mask[..., :8, :] = 1

@@ -92,10 +92,10 @@ def test_v_prediction_ddpm_matches_diffusers():
     (prediction_type="v_prediction") given the raw v and the same noise."""
     toy, context, x = toy_eps_fn(seed=41), randn(42, 2, 4, 5, 5), randn(43, 2, 4, 5, 5)
 
-    def v_model(x, t, context):
-        return toy(x, t) + context
+    def v_model(x, t, cond):
+        return toy(x, t) + cond["offset"]
 
-    eps_fn = lambda x, t: eps_from_v(v_model, AC)(x, t, context)  # noqa: E731
+    eps_fn = lambda x, t: eps_from_v(v_model, AC)(x, t, {"offset": context})  # noqa: E731
     out = sample_ddpm(eps_fn, x, torch.arange(999, -1, -1), AC,
                       generator=torch.Generator().manual_seed(44))
     sched = DDPMScheduler(**SD_SCHEDULE, variance_type="fixed_small",
@@ -104,7 +104,7 @@ def test_v_prediction_ddpm_matches_diffusers():
     sched.set_timesteps(1000)
     g, ref = torch.Generator().manual_seed(44), x
     for t in sched.timesteps:
-        v = v_model(ref, torch.full((2,), int(t)), context)
+        v = v_model(ref, torch.full((2,), int(t)), {"offset": context})
         ref = sched.step(v, t, ref, generator=g).prev_sample
     assert rel_error(out, ref) < 1e-10
 
@@ -205,41 +205,54 @@ def test_add_noise_per_image_timesteps():
         assert rel_error(out[b], a.sqrt() * x0[b] + (1 - a).sqrt() * noise[b]) < 1e-14
 
 
-def fake_unet(x, t, context):
-    """Depends on x, t and context, so that mixing up halves or orders changes the result."""
-    return x * context.mean(dim=(1, 2))[:, None, None, None] + 1e-3 * t[:, None, None, None]
+def fake_unet(x, t, cond):
+    """Depends on x, t and both conditioning entries, so that mixing up halves, orders or
+    entries changes the result."""
+    scale = cond["context"].mean(dim=(1, 2))[:, None, None, None]
+    return x * scale + cond["concat"] + 1e-3 * t[:, None, None, None]
+
+
+def conditioning(seed, batch):
+    return {"context": randn(seed, batch, 77, 8), "concat": randn(seed + 1, batch, 4, 5, 5)}
 
 
 @pytest.mark.parametrize("scale", [0.0, 3.0, 7.5])
 def test_cfg_is_one_batched_call_with_the_formula(scale):
     x, t = randn(81, 3, 4, 5, 5), torch.tensor([5, 500, 950])
-    cond, uncond = randn(82, 3, 77, 8), randn(83, 3, 77, 8)
+    cond, uncond = conditioning(82, 3), conditioning(84, 3)
     batches = []
 
-    def model(x, t, context):
-        batches.append(x.shape[0])
-        return fake_unet(x, t, context)
+    def model(x, t, cond):
+        batches.append({key: value.shape[0] for key, value in cond.items()} | {"x": x.shape[0]})
+        return fake_unet(x, t, cond)
 
     out = cfg(model, cond, uncond, scale)(x, t)
     eps_c, eps_u = fake_unet(x, t, cond), fake_unet(x, t, uncond)
-    assert batches == [6]
+    assert batches == [{"x": 6, "context": 6, "concat": 6}]
     assert rel_error(out, eps_u + scale * (eps_c - eps_u)) < 1e-14
-    # One unconditional embedding serves a batch of prompts.
-    out1 = cfg(fake_unet, cond, uncond[:1], scale)(x, t)
-    eps_u1 = fake_unet(x, t, uncond[:1].expand(3, -1, -1))
+    # One unconditional entry of batch 1 serves a batch of prompts.
+    first = {key: value[:1] for key, value in uncond.items()}
+    out1 = cfg(fake_unet, cond, first, scale)(x, t)
+    eps_u1 = fake_unet(x, t, {key: value.expand_as(cond[key]) for key, value in first.items()})
     assert rel_error(out1, eps_u1 + scale * (eps_c - eps_u1)) < 1e-14
 
 
 def test_cfg_scale_one_skips_the_unconditional_half():
-    x, t, cond = randn(91, 2, 4, 5, 5), torch.tensor([1, 981]), randn(92, 2, 77, 8)
+    x, t, cond = randn(91, 2, 4, 5, 5), torch.tensor([1, 981]), conditioning(92, 2)
     batches = []
 
-    def model(x, t, context):
+    def model(x, t, cond):
         batches.append(x.shape[0])
-        return fake_unet(x, t, context)
+        return fake_unet(x, t, cond)
 
-    out = cfg(model, cond, randn(93, 2, 77, 8), 1.0)(x, t)
+    out = cfg(model, cond, conditioning(94, 2), 1.0)(x, t)
     assert batches == [2] and torch.equal(out, fake_unet(x, t, cond))
+
+
+def test_cfg_refuses_mismatched_conditioning():
+    cond, uncond = conditioning(95, 2), {"context": randn(97, 2, 77, 8)}
+    with pytest.raises(ValueError, match="same entries"):
+        cfg(fake_unet, cond, uncond, 7.5)
 
 
 @pytest.mark.parametrize("steps", [0, -1, 1000, 1001])
@@ -266,19 +279,19 @@ def test_v_prediction_ddim_matches_diffusers(steps, eta):
     "v_prediction") fed the raw v: SD 2 768-v sampling."""
     toy = toy_eps_fn(seed=31)
 
-    def v_model(x, t, context):
-        return toy(x, t) + context  # context: a constant offset, to see it passed through
+    def v_model(x, t, cond):
+        return toy(x, t) + cond["offset"]  # a constant offset, to see cond passed through
 
     context = randn(32, 2, 4, 5, 5)
     x = randn(33, 2, 4, 5, 5)
-    eps_fn = lambda x, t: eps_from_v(v_model, AC)(x, t, context)  # noqa: E731
+    eps_fn = lambda x, t: eps_from_v(v_model, AC)(x, t, {"offset": context})  # noqa: E731
     out = sample_ddim(eps_fn, x, ddim_timesteps(steps), AC, eta=eta,
                       generator=torch.Generator().manual_seed(34))
     sched = diffusers_ddim(steps)
     sched.register_to_config(prediction_type="v_prediction")
     g, ref = torch.Generator().manual_seed(34), x
     for t in sched.timesteps:
-        v = v_model(ref, torch.full((2,), int(t)), context)
+        v = v_model(ref, torch.full((2,), int(t)), {"offset": context})
         noise = torch.randn(x.shape, generator=g, dtype=x.dtype) if eta > 0 else None
         ref = sched.step(v, t, ref, eta=eta, variance_noise=noise).prev_sample
     assert rel_error(out, ref) < 1e-12

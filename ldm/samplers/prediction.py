@@ -18,7 +18,7 @@ PREDICTIONS = ("eps", "v")
 
 
 def eps_from_v(v_model, alphas_cumprod):
-    """eps_model(x, t, context) -> ε, from v_model(x, t, context) -> v.
+    """eps_model(x, t, cond) -> ε, from v_model(x, t, cond) -> v (cond: the conditioning dict).
 
     t: (B,) int64, or float for the fractional steps of the Euler / DPM++ samplers (ᾱ then
     interpolated as common.alpha_bar does). The schedule is copied to x's device once, not at
@@ -27,8 +27,8 @@ def eps_from_v(v_model, alphas_cumprod):
     alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
     on_device = {}  # device -> alphas_cumprod there
 
-    def eps_model(x, t, context):
-        v = v_model(x, t, context)
+    def eps_model(x, t, cond):
+        v = v_model(x, t, cond)
         if x.device not in on_device:
             on_device[x.device] = alphas_cumprod.to(x.device)
         a = alpha_bar(t, on_device[x.device]).reshape(-1, *[1] * (x.ndim - 1))  # (B, 1, 1, 1)
