@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ldm.samplers.common import alpha_bar, check_timesteps, predict_x0, sigmas_of
+from ldm.samplers.common import alpha_bar, check_timesteps, sigmas_of
 
 
 def sigma_to_t(sigma, alphas_cumprod):
@@ -57,9 +57,9 @@ def denoiser(eps_fn):
         dtype = torch.long if is_trained_step else torch.promote_types(x.dtype, torch.float32)
         t = torch.full((x.shape[0],), int(t) if is_trained_step else t, dtype=dtype,
                        device=x.device)
-        a = 1 / (1 + sigma ** 2)  # ᾱ at this σ
-        x_t = x * a ** 0.5        # SD's latent, what the network takes
-        return predict_x0(x_t, eps_fn(x_t, t), a)  # = x − σ ε
+        # predict_x0(x_t, ε, ᾱ) written in σ space: one multiply-add on x, where going through
+        # x_t rounds twice more in 16-bit dtypes.
+        return x - sigma * eps_fn(x / (sigma ** 2 + 1) ** 0.5, t)
     return denoise
 
 
