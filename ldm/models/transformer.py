@@ -44,6 +44,7 @@ class CrossAttention(nn.Module):
 
     x: (B, N, query_dim), context: (B, M, context_dim) -> (B, N, query_dim).
     Queries, keys and values have no bias (as in the original); the output projection has.
+    The attention itself is `attend`, which `ldm.attention.override` replaces per layer.
     """
 
     def __init__(self, query_dim, heads, head_dim, context_dim=None, dropout=0.0):
@@ -62,8 +63,16 @@ class CrossAttention(nn.Module):
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)  # (B, H, N, D)
         k = rearrange(self.to_k(context), "b m (h d) -> b h m d", h=self.heads)  # (B, H, M, D)
         v = rearrange(self.to_v(context), "b m (h d) -> b h m d", h=self.heads)  # (B, H, M, D)
-        out = attention(q, k, v)  # softmax(q kᵀ / √D) v: (B, H, N, D)
+        out = self.attend(q, k, v)  # (B, H, N, D)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, query_dim)
+
+    def attend(self, q, k, v):
+        """softmax(q kᵀ / √D) v: q (B, H, N, D), k and v (B, H, M, D) -> (B, H, N, D).
+
+        The place to observe or replace this layer's attention: `ldm.attention.override`
+        shadows this method on the layers it selects with a function of q, k, v.
+        """
+        return attention(q, k, v)
 
 
 class GEGLU(nn.Module):

@@ -111,9 +111,13 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
         # (B, C, h, w) -> (B, 1, N, C): one head whose tokens are the positions
         q, k, v = (rearrange(conv(h), "b c h w -> b 1 (h w) c") for conv in (self.q, self.k, self.v))
-        out = attention(q, k, v)  # default scale 1/sqrt(C), the original's int(c)**(-0.5)
+        out = self.attend(q, k, v)  # (B, 1, N, C)
         out = rearrange(out, "b 1 (h w) c -> b c h w", h=x.shape[2])  # (B, 1, N, C) -> (B, C, h, w)
         return x + self.proj_out(out)
+
+    def attend(self, q, k, v):
+        """softmax(q kᵀ / √C) v over (B, 1, N, C) tensors; `ldm.attention.override` replaces it."""
+        return attention(q, k, v)  # default scale 1/sqrt(C), the original's int(c)**(-0.5)
 
 
 class Downsample(nn.Module):
