@@ -2,10 +2,15 @@
 
     import ldm
     pipe = ldm.load("v1-5-pruned-emaonly.safetensors")
+    store = ldm.attention.AttentionStore()      # or any attention fn(q, k, v, *, layer)
+    with ldm.attention.override(pipe.unet, store, layers="attn2"):
+        pipe.txt2img("a red circle")           # store.maps: the cross-attention maps
 """
+from ldm import attention
 from ldm.checkpoint import CheckpointError
 from ldm.config import PRESETS, ModelConfig
 from ldm.loader import load, save
 from ldm.pipeline import StableDiffusion
 
-__all__ = ["CheckpointError", "ModelConfig", "PRESETS", "StableDiffusion", "load", "save"]
+__all__ = ["CheckpointError", "ModelConfig", "PRESETS", "StableDiffusion", "attention", "load",
+           "save"]
