@@ -1,10 +1,11 @@
 """Step schedules: which timesteps a sampler visits, as A1111 and ComfyUI name them.
 
-Every schedule returns the (steps,) descending timesteps of SD's 1000-step schedule. DDIM's are
-integers; the others are fractional wherever their σ falls between trained steps (σ and t are
-linked as in sigmas.py: log σ linear between neighbouring steps, k-diffusion's
-DiscreteSchedule), and the σ-space samplers take them all. After the last timestep a σ-space
-sampler lands on σ = 0, DDIM/PLMS on ᾱ_0 (their original's quirk), DDPM on ᾱ = 1.
+Every schedule returns the (steps,) descending timesteps of SD's 1000-step schedule. DDIM's and
+LCM's are integers; the others are fractional wherever their σ falls between trained steps (σ
+and t are linked as in sigmas.py: log σ linear between neighbouring steps, k-diffusion's
+DiscreteSchedule), and the σ-space samplers and UniPC take them all. After the last timestep
+a σ-space sampler and UniPC land on σ = 0, DDIM/PLMS on ᾱ_0 (their original's quirk), DDPM on
+ᾱ = 1, LCM on its last x0 estimate.
 
     name           timesteps / σ                                         also known as
     ddim_uniform   1 + k·⌊T/n⌋, k = n−1 … 0 (981, 961, …, 1 for 50)      CompVis "uniform"; diffusers
@@ -14,6 +15,8 @@ sampler lands on σ = 0, DDIM/PLMS on ᾱ_0 (their original's quirk), DDPM on �
     simple         t = T−1 − ⌊k·T/n⌋, k = 0 … n−1                         ComfyUI "simple"
     karras         σ_i = (σ_max^(1/ρ) + i/(n−1)(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, ρ = 7   Karras et al. eq. 5
     exponential    σ_i = exp(linspace(log σ_max, log σ_min, n))          k-diffusion, A1111, ComfyUI
+    lcm            of the 50 steps LCM is distilled on, 20j − 1 (999, 979,   diffusers LCMScheduler,
+                   …, 19), the n at indices ⌊k·50/n⌋ (999, 759, 499, 259)    50 original steps
 
 σ_max and σ_min are the schedule's own ends, at t = T−1 and t = 0 (14.61 and 0.0292 for SD).
 T is len(alphas_cumprod).
@@ -79,6 +82,18 @@ def exponential(steps, alphas_cumprod):
                           for i in range(steps)], alphas_cumprod)
 
 
+def lcm(steps, alphas_cumprod, original_steps=50):
+    """(steps,) int64: LCM's "skipping-step" schedule (Luo et al. 2023, §4.3), as diffusers'
+    LCMScheduler picks it. The model is distilled on `original_steps` steps k·j − 1, j = 50 … 1,
+    with k = T // 50 = 20 the skipping interval (999, 979, …, 19); sampling takes `steps` of
+    them at evenly spaced indices ⌊i·50/steps⌋ (i = 0 … steps−1), so at most 50."""
+    num_train_steps = len(alphas_cumprod)
+    _check_steps(steps, 1, original_steps)
+    k = num_train_steps // original_steps
+    distilled = [k * j - 1 for j in range(original_steps, 0, -1)]
+    return torch.tensor([distilled[i * original_steps // steps] for i in range(steps)])
+
+
 def _timesteps_at(sigmas, alphas_cumprod):
     """The fractional timesteps of a descending σ list that runs from σ_max (to σ_min): the ends
     are pinned to T−1 and 0, where (σ^(1/ρ))^ρ or exp(log σ) may round past the schedule."""
@@ -96,4 +111,4 @@ def _check_steps(steps, minimum, maximum=None):
 
 
 SCHEDULES = {"ddim_uniform": ddim_uniform, "normal": normal, "sgm_uniform": sgm_uniform,
-             "simple": simple, "karras": karras, "exponential": exponential}
+             "simple": simple, "karras": karras, "exponential": exponential, "lcm": lcm}
