@@ -19,12 +19,14 @@ from ldm.samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from ldm.samplers.euler import sample_euler, sample_euler_ancestral
 from ldm.samplers.guidance import cfg
 from ldm.samplers.heun import sample_heun
+from ldm.samplers.lcm import sample_lcm
 from ldm.samplers.plms import sample_plms
 from ldm.samplers.prediction import eps_from_v
 from ldm.samplers.registry import SAMPLERS, Sampler, resolve, timesteps
 from ldm.samplers.schedules import SCHEDULES
+from ldm.samplers.unipc import sample_unipc
 
 __all__ = ["SAMPLERS", "SCHEDULES", "Sampler", "add_noise", "alpha_bar", "cfg", "ddim_step",
            "ddim_timesteps", "ddpm_step", "eps_from_v", "resolve", "sample_ddim", "sample_ddpm",
            "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_euler", "sample_euler_ancestral",
-           "sample_heun", "sample_plms", "timesteps"]
+           "sample_heun", "sample_lcm", "sample_plms", "sample_unipc", "timesteps"]

@@ -21,8 +21,10 @@ from ldm.samplers.ddpm import sample_ddpm
 from ldm.samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from ldm.samplers.euler import sample_euler, sample_euler_ancestral
 from ldm.samplers.heun import sample_heun
+from ldm.samplers.lcm import sample_lcm
 from ldm.samplers.plms import sample_plms
 from ldm.samplers.schedules import SCHEDULES
+from ldm.samplers.unipc import sample_unipc
 
 SIGMA_SCHEDULES = ("ddim_uniform", "normal", "karras", "exponential", "sgm_uniform", "simple")
 INTEGER_SCHEDULES = ("ddim_uniform",)
@@ -61,6 +63,8 @@ SAMPLERS = {s.name: s for s in [
     Sampler("heun", sample_heun, "Heun", calls_per_step=2),
     Sampler("dpmpp_2m", sample_dpmpp_2m, "DPM++ 2M"),
     Sampler("dpmpp_2m_sde", sample_dpmpp_2m_sde, "DPM++ 2M SDE", noisy=True),
+    Sampler("unipc", sample_unipc, "UniPC"),
+    Sampler("lcm", sample_lcm, "LCM", ("lcm",), noisy=True),
 ]}
 
 
