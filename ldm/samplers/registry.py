@@ -18,10 +18,15 @@ from typing import Callable
 
 from ldm.samplers.ddim import sample_ddim
 from ldm.samplers.ddpm import sample_ddpm
+from ldm.samplers.dpm2 import sample_dpm2, sample_dpm2_ancestral
 from ldm.samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde
+from ldm.samplers.dpmpp_2s import sample_dpmpp_2s_ancestral
+from ldm.samplers.dpmpp_3m_sde import sample_dpmpp_3m_sde
+from ldm.samplers.dpmpp_sde import sample_dpmpp_sde
 from ldm.samplers.euler import sample_euler, sample_euler_ancestral
 from ldm.samplers.heun import sample_heun
 from ldm.samplers.lcm import sample_lcm
+from ldm.samplers.lms import sample_lms
 from ldm.samplers.plms import sample_plms
 from ldm.samplers.schedules import SCHEDULES
 from ldm.samplers.unipc import sample_unipc
@@ -61,8 +66,14 @@ SAMPLERS = {s.name: s for s in [
     Sampler("euler", sample_euler, "Euler"),
     Sampler("euler_a", sample_euler_ancestral, "Euler a", noisy=True),
     Sampler("heun", sample_heun, "Heun", calls_per_step=2),
+    Sampler("lms", sample_lms, "LMS"),
+    Sampler("dpm2", sample_dpm2, "DPM2", calls_per_step=2),
+    Sampler("dpm2_a", sample_dpm2_ancestral, "DPM2 a", noisy=True, calls_per_step=2),
+    Sampler("dpmpp_2s_a", sample_dpmpp_2s_ancestral, "DPM++ 2S a", noisy=True, calls_per_step=2),
+    Sampler("dpmpp_sde", sample_dpmpp_sde, "DPM++ SDE", noisy=True, calls_per_step=2),
     Sampler("dpmpp_2m", sample_dpmpp_2m, "DPM++ 2M"),
     Sampler("dpmpp_2m_sde", sample_dpmpp_2m_sde, "DPM++ 2M SDE", noisy=True),
+    Sampler("dpmpp_3m_sde", sample_dpmpp_3m_sde, "DPM++ 3M SDE", noisy=True),
     Sampler("unipc", sample_unipc, "UniPC"),
     Sampler("lcm", sample_lcm, "LCM", ("lcm",), noisy=True),
 ]}
