@@ -5,18 +5,24 @@ and of the VAE (`AttnBlock`) computes q, k, v and hands them to its `attend(q, k
 whose default is `ldm.kernels.attention`, softmax(q kᵀ / √D) v. `override` shadows that method
 on the layers you name with a function of your own, and puts it back when you are done:
 
-    def attend(q, k, v, *, layer):        # q (B, H, N, D), k and v (B, H, M, D) -> (B, H, N, D)
-        ...                               # layer: the name, e.g. "middle_block.1.transformer_blocks.0.attn2"
+    def attend(q, k, v, *, layer):   # q (B, H, N, D), k and v (B, H, M, D) -> (B, H, N, D)
+        ...                          # layer: its name, "middle_block.1.transformer_blocks.0.attn2"
 
-    with ldm.attention.override(pipe.unet, attend, layers="attn2"):
+    with ldm.attention.override(pipe.unet, attend, layers="attn2"):   # every cross-attention
         pipe.txt2img("a red circle")
 
-Nothing else changes: the layer still projects in and out; without an override the forward is
-exactly the default (the same operators, and it traces whole under torch.compile). Three
-ready-made functions show the idea: `AttentionStore` records the softmax maps, `reweight` scales
-one token's column as Prompt-to-Prompt does, and `attention_probs` is the softmax they share.
+Layers are chosen by a glob over their names or a dotted suffix ("attn2", "middle_block.*"), or
+by a predicate; `attention_layers(model)` lists the names. The layer still projects in and out
+itself; without an override its forward is the default, the same operators, and it traces as
+one graph under torch.compile. Three ready-made pieces, each a few lines: `AttentionStore`
+records the softmax maps, `reweight` scales one token's column as Prompt-to-Prompt does, and
+`attention_probs` is the softmax they share.
 
-The same idea as tinygrad's per-layer attention function; diffusers spreads it over
+Caveats: a U-Net replayed from CUDA graphs (`pipe.cuda_graphs`) runs what was recorded, so turn
+them off while overriding. The text encoders' causal attention has no `attend`: their maps are
+not spatial, and a replacement would have to keep the causal mask.
+
+tinygrad's per-layer attention function is the model here; diffusers spreads the same idea over
 attention-processor classes.
 
 Axis letters: B batch, H heads, N query tokens, M key tokens (77 text tokens in attn2), D head size.
