@@ -16,7 +16,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from ldm.config import PRESETS
 from ldm.loader import DEFAULT_CHECKPOINT, load
-from ldm.samplers.registry import sampler_names
+from ldm.samplers import SAMPLERS, SCHEDULES, resolve
+from ldm.samplers.registry import a1111_names, sampler_names
 
 COMMANDS = {
     "txt2img": "generate images from a text prompt",
@@ -57,7 +58,13 @@ def _add_common(sub):
                      "from the file (e.g. sd21-base for an SD 2 512 ε-model whose file name "
                      "does not say 512 or base)")
     sub.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    sub.add_argument("--sampler", choices=sampler_names(), help="default: the model's")
+    sub.add_argument("--sampler", choices=sampler_names(), metavar="SAMPLER",
+                     help="default: the model's; one of " + ", ".join(
+                         f"{name} ({entry.a1111})" for name, entry in SAMPLERS.items())
+                     + "; a σ sampler's name + _karras also picks Karras steps")
+    sub.add_argument("--schedule", choices=SCHEDULES, help="the timesteps the sampler visits "
+                     "(default: the sampler's own; the σ samplers take any: "
+                     + ", ".join(SCHEDULES) + ")")
     sub.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale; 1 = none")
     sub.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic")
     sub.add_argument("--seed", type=int, help="the same seed gives the same image (default: random)")
@@ -88,7 +95,7 @@ def main(argv=None):
 
 def _generate(pipe, args, seed):
     common = dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
-                  cfg_scale=args.cfg_scale, seed=seed, num_images=args.num_images, eta=args.eta,
+                  schedule=args.schedule, cfg_scale=args.cfg_scale, seed=seed, num_images=args.num_images, eta=args.eta,
                   progress=False if args.no_progress else None)
     if args.command == "txt2img":
         return pipe.txt2img(args.prompt, height=args.height, width=args.width, **common)
@@ -106,19 +113,23 @@ def _open_image(path):
 
 
 def _parameters(pipe, args, seed, size):
-    """The generation parameters, as PNG text chunks (and one A1111-style summary line)."""
+    """The generation parameters, as PNG text chunks, and the "parameters" summary A1111 writes
+    (its sampler and schedule names, so A1111's PNG Info and `samplers.from_a1111` read it)."""
     sampling = pipe.config.sampling
     ckpt = args.ckpt or DEFAULT_CHECKPOINT
+    sampler, schedule = resolve(args.sampler or sampling.sampler, args.schedule)
+    a1111_sampler, a1111_schedule = a1111_names(sampler, schedule)
     info = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": str(seed),
-        "sampler": args.sampler or sampling.sampler, "steps": str(args.steps or sampling.steps),
+        "sampler": sampler.name, "schedule": schedule, "steps": str(args.steps or sampling.steps),
         "cfg_scale": str(args.cfg_scale if args.cfg_scale is not None else sampling.cfg_scale),
         "size": f"{size[0]}x{size[1]}", "model": ckpt.name, "model_sha256": _sha256(ckpt),
         "command": args.command,
     }
     info["parameters"] = (f"{info['prompt']}\nNegative prompt: {info['negative_prompt']}\n"
-                          f"Steps: {info['steps']}, Sampler: {info['sampler']}, CFG scale: "
-                          f"{info['cfg_scale']}, Seed: {seed}, Size: {info['size']}, "
+                          f"Steps: {info['steps']}, Sampler: {a1111_sampler}, "
+                          + (f"Schedule type: {a1111_schedule}, " if a1111_schedule else "")
+                          + f"CFG scale: {info['cfg_scale']}, Seed: {seed}, Size: {info['size']}, "
                           f"Model hash: {info['model_sha256'][:10]}, Model: {ckpt.name}")
     return info
 

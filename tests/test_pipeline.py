@@ -59,6 +59,12 @@ def test_same_seed_same_image_other_seed_other_image(pipe, sampler):
     assert not torch.allclose(a, c)
 
 
+def test_ddim_with_eta_draws_its_noise_from_the_seed(pipe):
+    a, b = (gen(pipe, sampler="ddim", eta=1.0, seed=3, output_type="latent") for _ in range(2))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, gen(pipe, sampler="ddim", eta=0.0, seed=3, output_type="latent"))
+
+
 def test_explicit_latents_are_the_starting_noise(pipe):
     noise = torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(3))
     from_latents = gen(pipe, latents=noise, output_type="latent")
@@ -196,6 +202,7 @@ def test_cli_writes_png_with_parameters_and_never_overwrites(pipe, tmp_path, mon
     info = Image.open(out).text
     assert info["prompt"] == "a red circle" and info["seed"] == "5" and info["steps"] == "3"
     assert info["sampler"] == "ddim" and info["size"] == "32x32" and len(info["model_sha256"]) == 64
+    assert "Steps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 5, Size: 32x32" in info["parameters"]
     assert cli.main(args + ["--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out-1.png", "out.png", "tiny.safetensors"]
 
@@ -229,8 +236,32 @@ def test_cli_help_explains_each_command(capsys):
     for command in cli.COMMANDS:
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
-        text = capsys.readouterr().out
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
         assert "--ckpt" in text and "--seed" in text and "--out" in text
+        for name, entry in ldm.samplers.SAMPLERS.items():
+            assert f"{name} ({entry.a1111})" in text
+        assert all(schedule in text for schedule in ldm.samplers.SCHEDULES)
+
+
+def test_cli_writes_the_schedule_as_a1111_does(pipe, tmp_path):
+    """A PNG's "parameters" name sampler and schedule as A1111 does, so they read back."""
+    ckpt = tmp_path / "tiny.safetensors"
+    ldm.save(pipe, ckpt)
+    common = ["txt2img", "a circle", "--ckpt", str(ckpt), "--steps", "2", "--height", "32",
+              "--width", "32", "--no-progress"]
+    for args, sampler, schedule in [(["--sampler", "dpmpp_2m_karras"], "dpmpp_2m", "karras"),
+                                    (["--sampler", "euler_a", "--schedule", "sgm_uniform"],
+                                     "euler_a", "sgm_uniform"),
+                                    (["--sampler", "euler"], "euler", "ddim_uniform")]:
+        out = tmp_path / f"{sampler}.png"
+        assert cli.main([*common, *args, "--out", str(out)]) == 0
+        info = Image.open(out).text
+        assert (info["sampler"], info["schedule"]) == (sampler, schedule)
+        fields = dict(field.split(": ", 1) for field in
+                      info["parameters"].splitlines()[-1].split(", "))
+        entry, read_back = ldm.samplers.registry.from_a1111(fields["Sampler"],
+                                                            fields.get("Schedule type"))
+        assert (entry.name, read_back) == (sampler, schedule)
 
 
 def test_progress_bar_shows_only_on_a_terminal(pipe, monkeypatch):
