@@ -24,7 +24,7 @@ from ldm import schedule
 from ldm.samplers import SAMPLERS
 from ldm.samplers.brownian import BrownianNoise, noise_sampler
 from ldm.samplers.common import sigmas_of
-from ldm.samplers.dpm2 import sample_dpm2, sample_dpm2_ancestral, timestep_of
+from ldm.samplers.dpm2 import sample_dpm2, sample_dpm2_ancestral
 from ldm.samplers.dpmpp_2s import sample_dpmpp_2s_ancestral
 from ldm.samplers.dpmpp_3m_sde import sample_dpmpp_3m_sde
 from ldm.samplers.dpmpp_sde import sample_dpmpp_sde
@@ -99,7 +99,7 @@ def k_sampling():
 def k_denoiser(eps_fn):
     """k-diffusion's model: D(x, σ) = x − σ ε(x / √(σ²+1), t(σ)), σ a (B,) tensor."""
     def model(x, sigma):
-        t = torch.full((x.shape[0],), timestep_of(sigma[0].item(), AC), dtype=torch.float64)
+        t = torch.full((x.shape[0],), sigma_to_t(sigma[0].item(), AC, clamp=True), dtype=torch.float64)
         sigma = sigma[:, None, None, None]
         return x - sigma * eps_fn(x / (sigma ** 2 + 1).sqrt(), t)
     return model
@@ -208,12 +208,14 @@ def test_lms_coefficients_integrate_polynomials_exactly(order):
             exact, rel=1e-12)
 
 
-def test_timestep_of_is_sigma_to_t_inside_the_schedule_and_clamps_outside():
+def test_sigma_to_t_clamps_to_the_schedule_only_when_asked():
     sigmas = sigmas_of(AC)
     for sigma in torch.logspace(-1.5, 1.1, 9).tolist():
-        assert timestep_of(sigma, AC) == pytest.approx(sigma_to_t(sigma, AC), abs=1e-12)
-    assert timestep_of(sigmas[0].item() * (1 - 1e-15), AC) == 0.0
-    assert timestep_of(1e-4, AC) == 0.0 and timestep_of(50.0, AC) == 999.0
+        assert sigma_to_t(sigma, AC, clamp=True) == sigma_to_t(sigma, AC)
+    assert sigma_to_t(sigmas[0].item() * (1 - 1e-15), AC, clamp=True) == 0.0
+    with pytest.raises(ValueError, match="outside the schedule"):
+        sigma_to_t(1e-4, AC)
+    assert sigma_to_t(1e-4, AC, clamp=True) == 0.0 and sigma_to_t(50.0, AC, clamp=True) == 999.0
 
 
 def test_dpm2_ancestral_without_noise_is_dpm2():

@@ -1,16 +1,19 @@
 """Samplers: pure functions of (eps_fn, x, timesteps, alphas_cumprod) that return the final latent.
 
-    eps_fn = cfg(pipe.unet, cond, uncond, scale=7.5)       # eps_fn(x, t) -> ε, guidance.py
-    ts = ddim_timesteps(50)                                # 981, 961, …, 1
-    z = sample_ddim(eps_fn, x_T, ts, pipe.alphas_cumprod)  # or sample_plms / sample_ddpm
+    eps_fn = cfg(model, cond, uncond, scale=7.5)           # eps_fn(x, t) -> ε, guidance.py
+    entry, schedule = resolve("dpmpp_2m_karras")           # registry.py: every sampler, once
+    ts = timesteps(entry, schedule, 25, pipe.alphas_cumprod)    # schedules.py
+    z = entry.sample(eps_fn, x_T, ts, pipe.alphas_cumprod) # or sample_dpmpp_2m(…) directly
 
-A v-prediction model (SD 2 768-v) is wrapped first: eps_from_v(unet, alphas_cumprod).
-img2img: start at a tail of the timesteps, x = add_noise(z0, noise, ts[k], alphas_cumprod),
-then sample with ts[k:].
+`model(x, t, cond)` is the network with its conditioning dict ({"context": …}), e.g.
+`lambda x, t, cond: pipe.unet(x, t, **cond)`; a v-prediction model (SD 2 768-v) is wrapped
+first: eps_from_v(model, alphas_cumprod). img2img: start at a tail of the timesteps,
+x = add_noise(z0, noise, ts[k], alphas_cumprod), then sample with ts[k:].
 
-The Euler, Euler ancestral, Heun, DPM++ 2M and 2M SDE samplers (k-diffusion's) step in σ
-space but take and return the same x_t; they also take the fractional timesteps of Karras σ:
-    z = sample_dpmpp_2m(eps_fn, x_T, schedules.karras(25, pipe.alphas_cumprod), pipe.alphas_cumprod)
+The original's DDIM, PLMS and DDPM step between trained timesteps. k-diffusion's family (Euler,
+Euler a, Heun, LMS, DPM2 (a), DPM++ 2S a, SDE, 2M, 2M SDE, 3M SDE) and UniPC step in σ space,
+taking any schedule's fractional timesteps, but take and return the same x_t; LCM has its own.
+Each sampler is one file; `SAMPLERS` in registry.py lists them with what they take.
 """
 from ldm.samplers.common import add_noise, alpha_bar
 from ldm.samplers.ddim import ddim_step, ddim_timesteps, sample_ddim

@@ -13,7 +13,7 @@ Two network calls per step, except the last (to σ = 0, where log σ is undefine
 which lands on D(x, σ_i).
 Ancestral: the same step to σ_down instead of σ_{i+1}, then fresh noise of size σ_up, as Euler a
 does (euler.ancestral_sigmas). σ_mid falls between the trained steps: the U-Net is given its
-fractional timestep (timestep_of).
+fractional timestep (sigmas.sigma_to_t, clamped).
 
 Shapes: x, d, z (B, C, h, w); timesteps descending, fractional allowed; alphas_cumprod (T,).
 """
@@ -21,9 +21,8 @@ import math
 
 import torch
 
-from ldm.samplers.common import sigmas_of
 from ldm.samplers.euler import ancestral_sigmas
-from ldm.samplers.sigmas import apply_callback, enter_sigma_space
+from ldm.samplers.sigmas import apply_callback, enter_sigma_space, sigma_to_t
 
 
 def sample_dpm2(eps_fn, x, timesteps, alphas_cumprod, *, callback=None):
@@ -40,7 +39,7 @@ def sample_dpm2(eps_fn, x, timesteps, alphas_cumprod, *, callback=None):
         else:
             sigma_mid = math.sqrt(sigma * sigma_next)
             x_mid = x + (sigma_mid - sigma) * d
-            x0_mid = denoise(x_mid, sigma_mid, timestep_of(sigma_mid, alphas_cumprod))
+            x0_mid = denoise(x_mid, sigma_mid, sigma_to_t(sigma_mid, alphas_cumprod, clamp=True))
             x = x + (sigma_next - sigma) * (x_mid - x0_mid) / sigma_mid
         x = apply_callback(callback, i, t, x, sigma_next, x0)
     return x
@@ -64,7 +63,7 @@ def sample_dpm2_ancestral(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, gene
         else:
             sigma_mid = math.sqrt(sigma * sigma_down)
             x_mid = x + (sigma_mid - sigma) * d
-            x0_mid = denoise(x_mid, sigma_mid, timestep_of(sigma_mid, alphas_cumprod))
+            x0_mid = denoise(x_mid, sigma_mid, sigma_to_t(sigma_mid, alphas_cumprod, clamp=True))
             x = x + (sigma_down - sigma) * (x_mid - x0_mid) / sigma_mid
         # k-diffusion adds no noise when η > 1 drives σ_down to 0 before σ_{i+1} = 0; the
         # ancestral step needs it whenever σ_up > 0.
@@ -73,15 +72,3 @@ def sample_dpm2_ancestral(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, gene
                                            dtype=x.dtype)
         x = apply_callback(callback, i, t, x, sigma_next, x0)
     return x
-
-
-def timestep_of(sigma, alphas_cumprod):
-    """The fractional timestep of a σ (a float) that no timestep of the schedule names: log σ
-    interpolated linearly between trained steps as sigmas.sigma_to_t does, but clamped to
-    [0, T − 1] as k-diffusion's DiscreteSchedule is. (A midpoint can round below σ_0 when
-    σ_{i+1} is σ_0, or lie far below it when η > 1 drives σ_down to near 0.)"""
-    log_sigmas = sigmas_of(alphas_cumprod).log()
-    log_sigma = min(max(math.log(sigma), log_sigmas[0].item()), log_sigmas[-1].item())
-    low = min(int(torch.searchsorted(log_sigmas, log_sigma, right=True)) - 1, len(log_sigmas) - 2)
-    w = (log_sigma - log_sigmas[low].item()) / (log_sigmas[low + 1] - log_sigmas[low]).item()
-    return low + w

@@ -12,7 +12,7 @@ The single-step second-order ("2S") variant takes that step halfway in λ first,
 Ancestral: the step goes to σ_down, then fresh noise of size σ_up is added, as Euler a does
 (euler.ancestral_sigmas). Two network calls per step, except the last (to σ = 0): plain Euler,
 which lands on D(x, σ_i). σ_s falls between the trained steps: the U-Net is given its
-fractional timestep (dpm2.timestep_of).
+fractional timestep (sigmas.sigma_to_t, clamped).
 
 Shapes: x, D, z (B, C, h, w); timesteps descending, fractional allowed; alphas_cumprod (T,).
 """
@@ -20,9 +20,8 @@ import math
 
 import torch
 
-from ldm.samplers.dpm2 import timestep_of
 from ldm.samplers.euler import ancestral_sigmas
-from ldm.samplers.sigmas import apply_callback, enter_sigma_space
+from ldm.samplers.sigmas import apply_callback, enter_sigma_space, sigma_to_t
 
 
 def sample_dpmpp_2s_ancestral(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, generator=None,
@@ -46,7 +45,7 @@ def sample_dpmpp_2s_ancestral(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, 
             h = math.log(sigma / sigma_down)
             sigma_s = sigma * math.exp(-h / 2)
             u = (sigma_s / sigma) * x - math.expm1(-h / 2) * x0
-            x0_s = denoise(u, sigma_s, timestep_of(sigma_s, alphas_cumprod))
+            x0_s = denoise(u, sigma_s, sigma_to_t(sigma_s, alphas_cumprod, clamp=True))
             x = (sigma_down / sigma) * x - math.expm1(-h) * x0_s
         if sigma_next > 0:
             x = x + sigma_up * torch.randn(x.shape, generator=generator, device=x.device,

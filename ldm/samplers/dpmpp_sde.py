@@ -15,16 +15,15 @@ D(u, σ_s).) The two noises are increments of one Brownian path W (brownian.py) 
 `generator`, the path fixes the image, and at different step counts the images stay close.
 Two network calls per step, except the last (to σ = 0): plain Euler, which lands on D(x, σ_i).
 ancestral is euler.ancestral_sigmas; σ_s falls between the trained steps: the U-Net is given
-its fractional timestep (dpm2.timestep_of).
+its fractional timestep (sigmas.sigma_to_t, clamped).
 
 Shapes: x, D, z (B, C, h, w); timesteps descending, fractional allowed; alphas_cumprod (T,).
 """
 import math
 
 from ldm.samplers.brownian import noise_sampler
-from ldm.samplers.dpm2 import timestep_of
 from ldm.samplers.euler import ancestral_sigmas
-from ldm.samplers.sigmas import apply_callback, enter_sigma_space
+from ldm.samplers.sigmas import apply_callback, enter_sigma_space, sigma_to_t
 
 
 def sample_dpmpp_sde(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, generator=None,
@@ -46,7 +45,7 @@ def sample_dpmpp_sde(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, generator
         else:
             sigma_s = math.sqrt(sigma * sigma_next)
             u = _ancestral_step(x, x0, sigma, sigma_s, eta, noise)
-            x0_s = denoise(u, sigma_s, timestep_of(sigma_s, alphas_cumprod))
+            x0_s = denoise(u, sigma_s, sigma_to_t(sigma_s, alphas_cumprod, clamp=True))
             x = _ancestral_step(x, x0_s, sigma, sigma_next, eta, noise)
         x = apply_callback(callback, i, t, x, sigma_next, x0)
     return x

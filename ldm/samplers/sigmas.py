@@ -20,10 +20,17 @@ import torch
 from ldm.samplers.common import alpha_bar, check_timesteps, sigmas_of
 
 
-def sigma_to_t(sigma, alphas_cumprod):
-    """The fractional timestep whose interpolated σ is `sigma` (a float): alpha_bar's inverse."""
+def sigma_to_t(sigma, alphas_cumprod, *, clamp=False):
+    """The fractional timestep whose interpolated σ is `sigma` (a float): alpha_bar's inverse.
+
+    A σ outside the schedule's range is a ValueError, or with `clamp` is taken to its nearest
+    end, as k-diffusion's DiscreteSchedule does for the intermediate σ of DPM2, DPM++ 2S and
+    SDE (a midpoint can round just below σ_0, or lie far below it when η > 1 drives σ_down
+    towards 0)."""
     log_sigmas = sigmas_of(alphas_cumprod).log()
     log_sigma = math.log(sigma)
+    if clamp:
+        log_sigma = min(max(log_sigma, log_sigmas[0].item()), log_sigmas[-1].item())
     if not log_sigmas[0] <= log_sigma <= log_sigmas[-1]:
         raise ValueError(f"σ = {sigma} lies outside the schedule's [{log_sigmas[0].exp():.4g}, "
                          f"{log_sigmas[-1].exp():.4g}]")
