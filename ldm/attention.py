@@ -63,8 +63,7 @@ class Override:
         self._undo = undo  # [(module, its own `attend` before, or None)]
 
     def remove(self):
-        # Reversed, so that one layer named twice in a handle ends as it started.
-        for module, previous in reversed(self._undo):
+        for module, previous in self._undo:
             if previous is None:
                 del module.attend  # uncovers the class's method: the default attention
             else:
