@@ -1,8 +1,9 @@
-"""The one attention function: each backend in place inside the real models, forced by argument
-or by $LDM_ATTENTION, agrees with the others."""
+"""The one attention function: each backend in place inside the real models, chosen by argument,
+by `with ldm.kernels.backend(...)` or by $LDM_KERNELS, agrees with the others."""
 import pytest
 import torch
 
+import ldm.kernels
 from ldm.kernels import attention, attention_reference
 from ldm.models.clip_text import CLIP_TINY, CLIPTextModel
 from ldm.models.unet import UNET_TINY, UNet
@@ -42,22 +43,26 @@ def exact_float32(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_backends_agree_inside_the_models(backend, monkeypatch, exact_float32):
+def test_backends_agree_inside_the_models(backend, exact_float32):
+    """Every kernel of the three networks (attention, GroupNorm+SiLU, GEGLU) on `backend`,
+    against the default PyTorch ops."""
     if backend == "triton":
         pytest.importorskip("triton")
     seed = int(torch.randint(1 << 20, ()))
-    sdpa = run_models(seed)
-    monkeypatch.setenv("LDM_ATTENTION", backend)
-    forced = run_models(seed)
-    for ours, ref in zip(forced, sdpa):
+    default = run_models(seed)
+    with ldm.kernels.backend(backend):
+        forced = run_models(seed)
+    for ours, ref in zip(forced, default):
         assert rel_error(ours, ref) <= 1e-5
 
 
 def test_argument_overrides_environment_and_bad_names_are_refused(monkeypatch):
     g = torch.Generator().manual_seed(int(torch.randint(1 << 20, ())))
     q, k, v = (torch.randn(1, 2, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    monkeypatch.setenv("LDM_ATTENTION", "no-such-kernel")
+    monkeypatch.setenv("LDM_KERNELS", "no-such-kernel")
     out = attention(q, k, v, causal=True, backend="reference")
     assert rel_error(out, attention_reference(q, k, v, causal=True)) == 0.0
     with pytest.raises(ValueError, match="backend must be one of .*'no-such-kernel'"):
         attention(q, k, v)
+    with pytest.raises(ValueError, match="backend must be one of .*'sdpa'"):
+        attention(q, k, v, backend="sdpa")  # the operator's name; the backend's is "torch"

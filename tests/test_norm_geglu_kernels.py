@@ -1,5 +1,5 @@
-"""The fused GroupNorm+SiLU and GEGLU kernels against float64 references, their backend switch,
-and the models with every norm and GEGLU on the Triton path.
+"""The fused GroupNorm+SiLU and GEGLU kernels against float64 references, their dispatch, and
+the models with every kernel on the Triton path.
 
 Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1), so the CPU
 cases are small; they still cross the kernels' boundaries: groups of several blocks with a
@@ -7,7 +7,6 @@ ragged last one, C/G not a power of two, no or several spatial axes, a GEGLU row
 block. Inputs are fresh random normals with per-channel offsets (never zeros); each reference
 is computed in float64 from the same rounded inputs: error = ‖out − ref‖ / ‖ref‖.
 """
-import importlib
 import os
 import subprocess
 import sys
@@ -20,15 +19,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when Triton is first imported
 pytest.importorskip("triton")
 
+import ldm.kernels.geglu_triton as geglu_triton  # noqa: E402
+import ldm.kernels.group_norm_triton as group_norm_triton  # noqa: E402
 from helpers import randomize_, rel_error  # noqa: E402
 from ldm.kernels import (geglu, geglu_reference, group_norm_silu,  # noqa: E402
                          group_norm_silu_reference)
 from ldm.models.unet import UNET_TINY, UNet  # noqa: E402
 from ldm.models.vae import VAE_TINY, AutoencoderKL  # noqa: E402
 
-# The modules, not the functions of the same name that ldm.kernels exports.
-geglu_module = importlib.import_module("ldm.kernels.geglu")
-group_norm_module = importlib.import_module("ldm.kernels.group_norm")
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -55,8 +53,8 @@ def check_group_norm(x, norm, silu=True, split=None):
     if split is None:
         out = group_norm_silu(x, norm, silu=silu, backend="triton")
     else:
-        out = group_norm_module._group_norm_silu_triton(x, norm.num_groups, norm.weight,
-                                                        norm.bias, norm.eps, silu, split=split)
+        out = group_norm_triton.group_norm_silu_triton(x, norm.num_groups, norm.weight,
+                                                       norm.bias, norm.eps, silu, split=split)
     ref = group_norm_silu_reference(x.double(), norm.num_groups, norm.weight, norm.bias,
                                     norm.eps, silu=silu)
     assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
@@ -167,11 +165,12 @@ def test_geglu_reads_strided_rows():
 
 
 def test_backend_argument_beats_environment(monkeypatch):
-    """torch by default; $LDM_KERNELS=triton switches; the argument overrides both; an unknown
-    name is refused. The Triton calls are stubbed: this tests the choice, not the kernels."""
+    """torch by default; $LDM_KERNELS=triton switches; the argument overrides it; "reference" is
+    the float32 yardstick rounded to the input dtype; an unknown name is refused. The Triton
+    calls are stubbed: this tests the choice, not the kernels."""
     calls = []
-    monkeypatch.setattr(group_norm_module, "_group_norm_silu_triton", lambda *a: calls.append(1))
-    monkeypatch.setattr(geglu_module, "_geglu_triton", lambda *a: calls.append(2))
+    monkeypatch.setattr(group_norm_triton, "group_norm_silu_triton", lambda *a: calls.append(1))
+    monkeypatch.setattr(geglu_triton, "geglu_triton", lambda *a: calls.append(2))
     x, norm, h = torch.randn(2, 16, 3, 3), nn.GroupNorm(4, 16), torch.randn(2, 5, 8)
     monkeypatch.delenv("LDM_KERNELS", raising=False)
     assert torch.equal(group_norm_silu(x, norm),
@@ -182,11 +181,17 @@ def test_backend_argument_beats_environment(monkeypatch):
     assert calls == [1, 2]
     group_norm_silu(x, norm, backend="torch"), geglu(h, backend="torch")
     assert calls == [1, 2]
+    x16, h16 = x.half(), h.half()
+    out = group_norm_silu(x16, norm, backend="reference")
+    assert out.dtype == torch.float16
+    assert torch.equal(out, group_norm_silu_reference(x16, 4, norm.weight, norm.bias).half())
+    assert torch.equal(geglu(h16, backend="reference"), geglu_reference(h16).half())
     monkeypatch.setenv("LDM_KERNELS", "cuda")
+    choices = r"one of \('torch', 'triton', 'reference'\).*'cuda'"
     for kwargs in ({}, {"backend": "cuda"}):  # from the environment, from the argument
-        with pytest.raises(ValueError, match=r"one of \('triton', 'torch'\).*'cuda'"):
+        with pytest.raises(ValueError, match=choices):
             group_norm_silu(x, norm, **kwargs)
-        with pytest.raises(ValueError, match=r"one of \('triton', 'torch'\).*'cuda'"):
+        with pytest.raises(ValueError, match=choices):
             geglu(h, **kwargs)
 
 

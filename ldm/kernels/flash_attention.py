@@ -33,36 +33,24 @@ entirely after a tile's last query are skipped, not just masked.
 Caveats: forward only (no backward, so no training through it); no dropout, no attention
 mask other than causal. Under TRITON_INTERPRET=1 (CPU) it runs, slowly, in NumPy: fine for
 tests on small shapes, not for inference; the interpreter does not support bfloat16 `tl.dot`
-(triton-lang/triton#11584), so bfloat16 needs a GPU.
+(triton-lang/triton#11584), so bfloat16 needs a GPU. This module imports Triton; the
+dispatcher (ldm.kernels.attention) imports it on the first Triton call, not with ldm.
 
 Axis letters: B batch, H heads, N query tokens, M key tokens, D head size.
 """
-# Keeps the kernel's `tl.constexpr` annotations unevaluated, so this module imports without
-# Triton (Triton itself reads annotations given as strings).
-from __future__ import annotations
-
 import contextlib
 import math
 
 import torch
+import triton
+import triton.language as tl
 
-from ldm.kernels.attention import check_shapes
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # stay importable; flash_attention() explains what is missing
-    triton = tl = None
+from ldm.kernels.checks import TRITON_DTYPES, check_attention_shapes, check_launchable
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x · log2(e))
 
 
-def _jit(fn):
-    """triton.jit, or the bare function when Triton is missing (flash_attention never calls it)."""
-    return fn if triton is None else triton.jit(fn)
-
-
-@_jit
+@triton.jit
 def _flash_attention_fwd(
     Q, K, V, Out,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -168,7 +156,6 @@ def flash_attention(q, k, v, *, causal=False, scale=None, block_sizes=None):
     for tuning (benchmarks/attention.py --sweep); the blocks must be powers of two ≥ 16.
     """
     _check_inputs(q, k, v, causal)
-    _check_runnable(q)
     B, H, N, D = q.shape
     M = k.shape[2]
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
@@ -193,28 +180,15 @@ def flash_attention(q, k, v, *, causal=False, scale=None, block_sizes=None):
     return out
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def _check_inputs(q, k, v, causal):
-    check_shapes(q, k, v, causal, caller="flash_attention")
+    check_attention_shapes(q, k, v, causal, caller="flash_attention")
     if k.shape[2] == 0:
         raise ValueError("flash_attention needs at least one key (softmax over nothing)")
     if q.shape[-1] > 512:
         raise ValueError(f"flash_attention supports head sizes up to 512, got {q.shape[-1]}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in TRITON_DTYPES:
         raise TypeError(f"flash_attention wants q, k, v of one dtype among float16, bfloat16, "
                         f"float32; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
-
-
-def _check_runnable(q):
-    if triton is None:
-        raise RuntimeError("flash_attention needs Triton, which is not installed "
-                           "(pip install triton; or use ldm.kernels.attention)")
-    interpreted = type(_flash_attention_fwd).__name__ == "InterpretedFunction"
-    if not q.is_cuda and not interpreted:
-        raise RuntimeError(f"flash_attention got tensors on {q.device}: the Triton kernel runs "
-                           "on a CUDA GPU, or on the CPU only under the interpreter "
-                           "(TRITON_INTERPRET=1 set before Triton is imported)")
+    check_launchable(q, _flash_attention_fwd, "flash attention")

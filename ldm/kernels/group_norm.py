@@ -5,81 +5,50 @@
 μ and σ² are the mean and (biased) variance of group g of sample b: its C/G channels × all
 spatial positions. Statistics are always float32, whatever x's dtype, as in the original's
 GroupNorm32 (fp16 sums over ~10⁵ values lose the small deviations, and squares overflow); the
-output has x's dtype. The kernel is chosen at call time:
+output has x's dtype. The models hold the two modules at the bottom, `GroupNormSiLU` where the
+original has GroupNorm32 then SiLU, and `GroupNorm32` where it has GroupNorm alone; both call
+`group_norm_silu`, whose kernel is chosen at each call by ldm.kernels.switch (`backend=`, else
+`with ldm.kernels.backend(...)`, else $LDM_KERNELS, else "torch"):
 
-    backend   runs                                                      default
-    "triton"  the two kernels below: x read twice, y written once,      —  (see below)
-              rounded once
-    "torch"   F.group_norm, then F.silu, in x's dtype                   everywhere
+    backend      runs
+    "torch"      F.group_norm, then F.silu, in x's dtype (default)
+    "triton"     ldm.kernels.group_norm_triton: two launches, x read twice, y written once;
+                 imports Triton on first use
+    "reference"  `group_norm_silu_reference` in float32, rounded to x's dtype: the yardstick
 
 The torch path does what the original does: GroupNorm32 normalises in float32 and rounds to
 x's dtype, then SiLU runs in x's dtype. PyTorch's CPU and CUDA group_norm kernels already keep
 float32 statistics for float16/bfloat16 inputs, so x is not cast to float32 and back: that
 would cost two more launches and ~3x the memory traffic per norm at SD's sizes in float16.
 Other devices get the explicit float32 computation (`group_norm_silu_reference`).
+The Triton path matches float64 under the interpreter and on an H100 (SD shapes in float16;
+whole under torch.compile and CUDA graphs).
 
-The `backend` argument, else the LDM_KERNELS environment variable, picks one. The Triton path
-matches float64 under the interpreter and on an H100 (SD shapes in float16; whole under
-torch.compile and CUDA graphs); its first version, one program per group, ran 3.4x faster
-than the torch path there (18 µs against 61 µs at (2, 320, 64, 64)). Triton is imported on its
-first use, not with ldm.
-
-Kernels. One program per (batch, group) leaves most of a GPU idle (SD: B·32 = 64 programs on
-an H100's 132 SMs), so each group of n = C/G · S values is cut into `split` chunks, and the
-work is two launches of B·G·split programs (about 512 in all):
-    1. statistics: program (bg, j) reads chunk j and writes its count, mean and
-       M2 = Σ(x − mean)², built block by block with Chan et al.'s (1979) pairwise merge
-           δ = m_b − mean,  n' = n + n_b,  mean += δ·n_b/n',  M2 += M2_b + δ²·n·n_b/n'
-       which never forms E[x²] − E[x]², so activations with a large mean keep their variance;
-    2. normalise: program (bg, j) merges the group's `split` partials the same way, all at once
-           μ = Σ n_j m_j / n,  M2 = Σ M2_j + Σ n_j (m_j − μ)²
-       then rereads chunk j: y = (x − μ)·rstd·γ_c + β_c, y·sigmoid(y), stored in y's dtype.
-
-Layouts, without copies: contiguous (B, C, *spatial), where a group is one run of n values, and
-channels_last (B, C, H, W), where it is S runs of C/G values, C apart. A chunk walks the group
-in memory order in both; other layouts are copied to contiguous first. y takes x's layout.
-
-Shapes: x (B, C, *spatial), any number of spatial axes (none too); C divisible by G. Dtypes:
-float16, bfloat16, float32. Forward only.
-
-Axis letters: B batch, C channels, G groups, S spatial positions (h·w).
+Axis letters: B batch, C channels, G groups.
 """
-from __future__ import annotations  # `tl.constexpr` stays a string until Triton reads it
-
-import contextlib
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ldm.kernels.lazy_triton import check_launchable, jit_on_first_use
-
-BACKENDS = ("triton", "torch")
-triton = tl = None  # set by jit_on_first_use() on first use; the kernels find `tl` here
+from ldm.kernels.switch import choose
 
 
 def group_norm_silu(x, norm, *, silu=True, backend=None):
     """SiLU(norm(x)) for an nn.GroupNorm `norm` (GroupNorm alone if not `silu`), statistics in
-    float32. x: (B, C, *spatial) -> same shape, x's dtype. `backend`: see the module docstring."""
+    float32. x: (B, C, *spatial) -> same shape, x's dtype. `backend`: "torch", "triton" or
+    "reference"; None follows ldm.kernels.switch."""
     if x.ndim < 2 or x.shape[1] != norm.num_channels:
         raise ValueError(f"{norm} wants (B, {norm.num_channels}, ...), got {tuple(x.shape)}")
-    if kernel_backend(backend) == "torch":
-        if x.device.type not in ("cpu", "cuda") and x.dtype != torch.float32:
-            return group_norm_silu_reference(x, norm.num_groups, norm.weight, norm.bias,
-                                             norm.eps, silu=silu).to(x.dtype)
-        y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    backend = choose(backend)
+    args = (norm.num_groups, norm.weight, norm.bias, norm.eps)
+    if backend == "triton":
+        from ldm.kernels.group_norm_triton import group_norm_silu_triton  # imports Triton
+        return group_norm_silu_triton(x, *args, silu)
+    if backend == "torch" and (x.device.type in ("cpu", "cuda") or x.dtype == torch.float32):
+        y = F.group_norm(x, *args)
         return F.silu(y) if silu else y
-    return _group_norm_silu_triton(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu)
-
-
-def kernel_backend(backend=None):
-    """The backend argument, else $LDM_KERNELS, else "torch"; refuse unknown names."""
-    backend = backend or os.environ.get("LDM_KERNELS") or "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"kernel backend must be one of {BACKENDS} (argument or $LDM_KERNELS), "
-                         f"got {backend!r}")
-    return backend
+    # "reference", or 16-bit x on a device whose group_norm may not keep float32 statistics
+    return group_norm_silu_reference(x, *args, silu=silu).to(x.dtype)
 
 
 def group_norm_silu_reference(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=True):
@@ -91,140 +60,27 @@ def group_norm_silu_reference(x, num_groups, weight=None, bias=None, eps=1e-5, *
     return F.silu(y) if silu else y
 
 
-def _group_stats(X, Stats, S, group_channels, group_size, chunk, G, stride_b, stride_c, stride_s,
-                 CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-    # -- program (b·G + g, j) owns values [j·chunk, (j+1)·chunk) of group g of sample b
-    bg, j = tl.program_id(0), tl.program_id(1)
-    first_channel = (bg % G) * group_channels
-    # int64: B·C·S can pass 2^31 (the VAE at 1024²); offsets within one sample stay int32
-    X += (bg // G).to(tl.int64) * stride_b + first_channel.to(tl.int64) * stride_c
-    offs = tl.arange(0, BLOCK)
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm with float32 statistics whatever the input dtype; returns the input dtype.
 
-    # -- running count, mean and M2 = Σ(x − mean)², merged block by block (Chan et al.)
-    n = tl.zeros((), dtype=tl.float32)
-    mean = tl.zeros((), dtype=tl.float32)
-    m2 = tl.zeros((), dtype=tl.float32)
-    end = tl.minimum(group_size, (j + 1) * chunk)
-    for start in range(j * chunk, end, BLOCK):
-        i = start + offs
-        ok = i < end
-        if CHANNELS_LAST:  # S runs of C/G channels, stride_s apart
-            address = (i // group_channels) * stride_s + i % group_channels
-        else:  # one run
-            address = i
-        x = tl.load(X + address, mask=ok, other=0.0).to(tl.float32)
-        n_b = tl.minimum(end - start, BLOCK).to(tl.float32)
-        mean_b = tl.sum(x, axis=0) / n_b
-        m2_b = tl.sum(tl.where(ok, (x - mean_b) * (x - mean_b), 0.0), axis=0)
-        delta = mean_b - mean
-        n_new = n + n_b
-        mean += delta * (n_b / n_new)
-        m2 += m2_b + delta * delta * (n * (n_b / n_new))
-        n = n_new
+    x: (B, C, ...) -> (B, C, ...). The original (`GroupNorm32` in CompVis openaimodel) upcasts
+    because fp16 group statistics over h·w·C/groups values lose precision and can overflow
+    when squared; the transformer's plain GroupNorm ran under autocast, which also computes
+    group_norm in float32. `group_norm_silu` (without the SiLU) keeps float32 statistics on
+    every backend, so both are reproduced.
+    """
 
-    # -- this chunk's (count, mean, M2), for the normalising kernel to merge
-    Stats += (bg * tl.num_programs(1) + j) * 3
-    tl.store(Stats, n)
-    tl.store(Stats + 1, mean)
-    tl.store(Stats + 2, m2)
+    def forward(self, x):
+        return group_norm_silu(x, self, silu=False)
 
 
-def _group_norm_apply(X, Y, Stats, W, Bias, S, group_channels, group_size, chunk, G, stride_b,
-                      stride_c, stride_s, eps, SILU: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                      BLOCK: tl.constexpr, SPLIT: tl.constexpr):
-    bg, j = tl.program_id(0), tl.program_id(1)
-    split = tl.num_programs(1)
-    first_channel = (bg % G) * group_channels
-    group_start = (bg // G).to(tl.int64) * stride_b + first_channel.to(tl.int64) * stride_c
-    X += group_start
-    Y += group_start  # y has x's strides
+class GroupNormSiLU(nn.GroupNorm):
+    """GroupNorm32 followed by SiLU, one module: SiLU(GroupNorm(x)), statistics in float32.
 
-    # -- the group's statistics from its `split` partials: μ = Σ n_j m_j / n,
-    #    M2 = Σ M2_j + Σ n_j (m_j − μ)² (every program of the group computes the same)
-    part = tl.arange(0, SPLIT)
-    have = part < split
-    Stats += (bg * split + part) * 3
-    n_j = tl.load(Stats, mask=have, other=0.0)
-    mean_j = tl.load(Stats + 1, mask=have, other=0.0)
-    mean = tl.sum(n_j * mean_j, axis=0) / group_size
-    m2 = tl.sum(tl.load(Stats + 2, mask=have, other=0.0), axis=0) + \
-        tl.sum(n_j * (mean_j - mean) * (mean_j - mean), axis=0)
-    rstd = tl.math.rsqrt(m2 / group_size + eps)  # biased variance, as GroupNorm
+    x: (B, C, ...) -> (B, C, ...) in x's dtype. Stands where the original's Sequentials hold
+    (GroupNorm32, SiLU), so that the Triton backend fuses the pair; as an nn.GroupNorm its
+    parameters keep the checkpoint's names, `weight` and `bias`.
+    """
 
-    # -- normalise chunk j: per-channel affine, SiLU, store in y's dtype
-    offs = tl.arange(0, BLOCK)
-    end = tl.minimum(group_size, (j + 1) * chunk)
-    for start in range(j * chunk, end, BLOCK):
-        i = start + offs
-        ok = i < end
-        if CHANNELS_LAST:
-            channel = i % group_channels
-            address = (i // group_channels) * stride_s + channel
-        else:
-            channel = i // S
-            address = i
-        x = tl.load(X + address, mask=ok, other=0.0).to(tl.float32)
-        w = tl.load(W + first_channel + channel, mask=ok, other=0.0).to(tl.float32)
-        b = tl.load(Bias + first_channel + channel, mask=ok, other=0.0).to(tl.float32)
-        y = (x - mean) * rstd * w + b
-        if SILU:
-            y = y * tl.sigmoid(y)
-        tl.store(Y + address, y.to(Y.dtype.element_ty), mask=ok)
-
-
-@functools.cache
-def _load_kernels():
-    """The jitted (_group_stats, _group_norm_apply), made on first use."""
-    return jit_on_first_use(_group_stats), jit_on_first_use(_group_norm_apply)
-
-
-def _group_norm_silu_triton(x, num_groups, weight, bias, eps, silu, split=None):
-    """The two launches. `split`: chunks per group (default: enough programs for the GPU)."""
-    stats_kernel, apply_kernel = _load_kernels()
-    check_launchable(x, stats_kernel, "group norm")
-    channels_last = _is_channels_last(x)
-    if not channels_last:
-        x = x.contiguous()
-    B, C = x.shape[:2]
-    S = x[0, 0].numel()  # spatial positions (1 for a (B, C) input)
-    weight = x.new_ones(C) if weight is None else weight
-    bias = x.new_zeros(C) if bias is None else bias
-    y = torch.empty_like(x)  # keeps x's layout
-    if y.numel() == 0:
-        return y
-    group_channels = C // num_groups
-    group_size = group_channels * S
-    block = min(4096, triton.next_power_of_2(group_size))
-    split = split or _default_split(B * num_groups, group_size, block)
-    chunk = triton.cdiv(triton.cdiv(group_size, split), block) * block  # whole blocks
-    split = triton.cdiv(group_size, chunk)  # so that no chunk is empty
-    stats = torch.empty(B * num_groups, split, 3, device=x.device, dtype=torch.float32)
-    # Element strides of a sample, a channel and a spatial position.
-    strides = (C * S, 1, C) if channels_last else (C * S, S, 1)
-    shape = (S, group_channels, group_size, chunk, num_groups, *strides)
-    grid = (B * num_groups, split)
-    warps = max(4, min(16, block // 512))
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        stats_kernel[grid](x, stats, *shape, CHANNELS_LAST=channels_last, BLOCK=block,
-                           num_warps=warps)
-        apply_kernel[grid](x, y, stats, weight, bias, *shape, eps, SILU=silu,
-                           CHANNELS_LAST=channels_last, BLOCK=block,
-                           SPLIT=triton.next_power_of_2(split), num_warps=warps)
-    return y
-
-
-def _is_channels_last(x):
-    """A (B, C, H, W) tensor laid out channels_last, and not also plainly contiguous."""
-    return (x.ndim == 4 and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last))
-
-
-# Programs to aim for: about four per SM of an H100 (132 SMs). A fixed number, not a device
-# query, keeps the launcher free of calls torch.compile cannot trace; on a smaller GPU it only
-# makes the chunks smaller.
-PROGRAMS = 512
-
-
-def _default_split(groups, group_size, block):
-    """Chunks per group: about PROGRAMS programs in all, each chunk at least one block."""
-    return max(1, min(triton.cdiv(group_size, block), triton.cdiv(PROGRAMS, groups)))
+    def forward(self, x):
+        return group_norm_silu(x, self)
