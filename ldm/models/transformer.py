@@ -22,21 +22,7 @@ H heads, D head size.
 from einops import rearrange
 from torch import nn
 
-from ldm.kernels import attention, geglu, group_norm_silu
-
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with float32 statistics whatever the input dtype; returns the input dtype.
-
-    x: (B, C, ...) -> (B, C, ...). The original (`GroupNorm32` in CompVis openaimodel) upcasts
-    because fp16 group statistics over h·w·C/groups values lose precision and can overflow
-    when squared; the transformer's plain GroupNorm ran under autocast, which also computes
-    group_norm in float32. `group_norm_silu` (without the SiLU) keeps float32 statistics on
-    every backend, so both are reproduced.
-    """
-
-    def forward(self, x):
-        return group_norm_silu(x, self, silu=False)
+from ldm.kernels import GroupNorm32, attention, geglu
 
 
 class CrossAttention(nn.Module):

@@ -30,7 +30,7 @@ in → out, and each output block first concatenates the skip of the input block
       8              1   32→64  640 + 320 → 640     Res, Attn, Upsample   3
       9              0     64   640 + 320 → 320     Res, Attn             2
       10, 11         0     64   320 + 320 → 320     Res, Attn             1, 0
-    out                    64   320 → 4        GroupNorm, SiLU, conv 3×3
+    out                    64   320 → 4        GroupNormSiLU, conv 3×3
 
 Every ResBlock also receives the timestep embedding (sinusoids → time_embed MLP, 1280 wide);
 every Attn receives the text context. SD 2.x changes only the config: 64-dim heads instead
@@ -39,14 +39,15 @@ of 8 heads, context 1024, Linear instead of 1×1-conv projections in the transfo
 Axis letters: B batch, C channels, h/w latent height/width, M context tokens.
 """
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.kernels import group_norm_silu
-from ldm.models.transformer import GroupNorm32, SpatialTransformer, dropout_layer, zero_init
+from ldm.kernels import GroupNormSiLU
+from ldm.models.transformer import SpatialTransformer, dropout_layer, zero_init
 
 
 @dataclass(frozen=True)
@@ -125,30 +126,57 @@ def conv3x3(in_channels, out_channels, stride=1):
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
 
 
+class IndexedSequential(nn.Sequential):
+    """nn.Sequential built from {index: layer}, keeping the original Sequential's indices.
+
+    The original's (GroupNorm32, SiLU) pair is one GroupNormSiLU at the norm's index, so the
+    layers after it keep their numbers, hence the checkpoint names (`out_layers.3.weight`), and
+    `[i]` is the layer of index i as in the original code (`in_layers[2]` is the conv), not the
+    i-th layer. forward runs the layers in order, as any nn.Sequential.
+    """
+
+    def __init__(self, layers):
+        super().__init__(OrderedDict((str(i), layer) for i, layer in layers.items()))
+
+    def __getitem__(self, index):
+        if isinstance(index, int):
+            return self._modules[self._name(index)]
+        return super().__getitem__(index)  # a slice: an IndexedSequential of the same names
+
+    def __setitem__(self, index, module):
+        setattr(self, self._name(index), module)
+
+    def _name(self, index):
+        # Only existing indices: a new name would run last, whatever its number.
+        if str(index) not in self._modules:
+            raise IndexError(f"{index} is none of this Sequential's indices {list(self._modules)}")
+        return str(index)
+
+
 class ResBlock(nn.Module):
     """Two 3×3 convs with the timestep embedding added in between, plus a skip.
 
     x: (B, C_in, h, w), emb: (B, emb_dim) -> (B, C_out, h, w). The skip is the identity, or a
-    1×1 conv when the channel count changes. Indices follow the original Sequentials.
+    1×1 conv when the channel count changes. The Sequentials keep the original's indices
+    (IndexedSequential): in_layers = 0 GroupNormSiLU, 2 conv; out_layers = 0 GroupNormSiLU,
+    2 dropout, 3 conv.
     """
 
     def __init__(self, in_channels, out_channels, emb_dim, groups=32, dropout=0.0):
         super().__init__()
-        self.in_layers = nn.Sequential(
-            GroupNorm32(groups, in_channels), nn.SiLU(), conv3x3(in_channels, out_channels))
+        self.in_layers = IndexedSequential({0: GroupNormSiLU(groups, in_channels),
+                                            2: conv3x3(in_channels, out_channels)})
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
-        self.out_layers = nn.Sequential(
-            GroupNorm32(groups, out_channels), nn.SiLU(), dropout_layer(dropout),
-            zero_init(conv3x3(out_channels, out_channels)))  # zero init: starts as the identity
+        self.out_layers = IndexedSequential({
+            0: GroupNormSiLU(groups, out_channels), 2: dropout_layer(dropout),
+            3: zero_init(conv3x3(out_channels, out_channels))})  # zero init: starts as identity
         self.skip_connection = (nn.Identity() if in_channels == out_channels
                                 else nn.Conv2d(in_channels, out_channels, 1))
 
     def forward(self, x, emb):
-        norm1, _, conv1 = self.in_layers  # GroupNorm, SiLU, conv: the first two fused in one call
-        h = conv1(group_norm_silu(x, norm1))
+        h = self.in_layers(x)
         h = h + self.emb_layers(emb)[:, :, None, None]  # (B, C_out) -> (B, C_out, 1, 1)
-        norm2, _, dropout, conv2 = self.out_layers
-        return self.skip_connection(x) + conv2(dropout(group_norm_silu(h, norm2)))
+        return self.skip_connection(x) + self.out_layers(h)
 
 
 class Downsample(nn.Module):
@@ -219,8 +247,8 @@ class UNet(nn.Module):
         self.middle_block = UNetBlock(_res_block(c, ch, ch), _transformer(c, ch),
                                       _res_block(c, ch, ch))
         self.output_blocks = _output_blocks(c, skip_channels)
-        self.out = nn.Sequential(GroupNorm32(c.norm_groups, c.model_channels), nn.SiLU(),
-                                 zero_init(conv3x3(c.model_channels, c.out_channels)))
+        self.out = IndexedSequential({0: GroupNormSiLU(c.norm_groups, c.model_channels),
+                                      2: zero_init(conv3x3(c.model_channels, c.out_channels))})
 
     def forward(self, x, t, context, concat=None):
         if concat is not None:
@@ -239,8 +267,7 @@ class UNet(nn.Module):
             x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
             # An Upsample in this block must land on the size of the skip that comes next.
             x = block(x, emb, context, size=skips[-1].shape[-2:] if skips else None)
-        norm, _, conv = self.out  # GroupNorm, SiLU (fused with it), conv
-        return conv(group_norm_silu(x, norm))
+        return self.out(x)
 
     def _check_inputs(self, x, t, context):
         """Raise a ValueError naming the bad argument; return t as a (B,) tensor."""

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ldm.kernels import attention, group_norm_silu
+from ldm.kernels import GroupNorm32, GroupNormSiLU, attention
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,10 @@ class VAEConfig:
 VAE_TINY = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8)
 
 
-def _group_norm(channels, config):
-    return nn.GroupNorm(config.norm_groups, channels, eps=config.norm_eps)
+def _group_norm(channels, config, silu):
+    """GroupNorm with float32 statistics, followed by SiLU (one module) if `silu`."""
+    norm = GroupNormSiLU if silu else GroupNorm32
+    return norm(config.norm_groups, channels, eps=config.norm_eps)
 
 
 class ResnetBlock(nn.Module):
@@ -79,17 +81,17 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_channels, out_channels, config):
         super().__init__()
-        self.norm1 = _group_norm(in_channels, config)
+        self.norm1 = _group_norm(in_channels, config, silu=True)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _group_norm(out_channels, config)
+        self.norm2 = _group_norm(out_channels, config, silu=True)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # The residual needs matching channels: a 1×1 ("network-in-network") conv only then.
         self.nin_shortcut = (nn.Conv2d(in_channels, out_channels, 1)
                              if in_channels != out_channels else nn.Identity())
 
     def forward(self, x):
-        h = self.conv1(group_norm_silu(x, self.norm1))
-        h = self.conv2(group_norm_silu(h, self.norm2))
+        h = self.conv1(self.norm1(x))  # norm1, norm2: GroupNorm then SiLU
+        h = self.conv2(self.norm2(h))
         return self.nin_shortcut(x) + h
 
 
@@ -101,7 +103,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels, config):
         super().__init__()
-        self.norm = _group_norm(channels, config)
+        self.norm = _group_norm(channels, config, silu=False)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -188,7 +190,7 @@ class Encoder(nn.Module):
             in_ch = out_ch
         self.down = nn.ModuleList(levels)
         self.mid = MidBlock(in_ch, config)
-        self.norm_out = _group_norm(in_ch, config)
+        self.norm_out = _group_norm(in_ch, config, silu=True)
         self.conv_out = nn.Conv2d(in_ch, 2 * config.z_channels, 3, padding=1)
 
     def forward(self, x):
@@ -196,7 +198,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)
         h = self.mid(h)
-        return self.conv_out(group_norm_silu(h, self.norm_out))
+        return self.conv_out(self.norm_out(h))
 
 
 class Decoder(nn.Module):
@@ -215,14 +217,14 @@ class Decoder(nn.Module):
             in_ch = chs[i]
         # Stored by resolution level like the encoder (up.0 = full resolution), as the checkpoint is.
         self.up = nn.ModuleList(reversed(levels))
-        self.norm_out = _group_norm(in_ch, config)
+        self.norm_out = _group_norm(in_ch, config, silu=True)
         self.conv_out = nn.Conv2d(in_ch, config.out_channels, 3, padding=1)
 
     def forward(self, z):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(group_norm_silu(h, self.norm_out))
+        return self.conv_out(self.norm_out(h))
 
 
 class DiagonalGaussian:
