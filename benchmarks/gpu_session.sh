@@ -7,9 +7,8 @@
 #   bash benchmarks/gpu_session.sh pipeline   benchmarks/pipeline.py (diffusers and ours, all rows)
 #
 # The machine lacks diffusers, ftfy and wcwidth: put their wheels in build/gpu-wheels/ here
-# (pip download --no-deps diffusers ftfy wcwidth -d build/gpu-wheels) and carry that folder,
-# with ../shared/manifests copied to build/manifests (the pipeline's random checkpoint is
-# written from them). Output goes to stdout and, when $OUT is set, to $OUT/<stage>.txt.
+# (pip download --no-deps diffusers ftfy wcwidth -d build/gpu-wheels) and carry that folder.
+# Output goes to stdout and, when $OUT is set, to $OUT/<stage>.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:?"stage: tests, attention or pipeline"}
@@ -17,9 +16,6 @@ log=${OUT:-/tmp}/$stage.txt
 
 if [ -d build/gpu-wheels ]; then
     pip install -q --no-deps build/gpu-wheels/*.whl
-fi
-if [ ! -d ../shared/manifests ] && [ -d build/manifests ]; then
-    mkdir -p ../shared && cp -r build/manifests ../shared/
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # ldm from this tree (no build step offline)
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$log"

@@ -3,7 +3,7 @@
     python benchmarks/load_memory.py [--ckpt FILE]
 
 Without --ckpt, writes a random checkpoint with the exact tensor set of v1-5-pruned-emaonly
-(from ../shared/manifests) to a temporary folder first. Each load runs in a fresh process, and
+(from tests/data/manifests) to a temporary folder first. Each load runs in a fresh process, and
 its peak anonymous memory (what it allocated) and peak resident memory (which also counts the
 file's mapped pages) are compared with the size of the weights.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "manifests" / "sd15_emaonly.tsv"
+MANIFEST = Path(__file__).resolve().parents[1] / "tests/data/manifests/sd15_emaonly.tsv"
 DTYPES = {"F32": torch.float32, "I64": torch.int64, "I32": torch.int32}
 
 MEASURE = """

@@ -1,14 +1,11 @@
 """The CLIP text encoder: checkpoint names, parity with transformers, causality, input checks."""
-from pathlib import Path
-
 import pytest
 import torch
 
 from ldm.models.clip_text import CLIP_TINY, CLIPTextConfig, CLIPTextModel
 
-from helpers import randomize_
+from helpers import MANIFESTS, randomize_
 
-MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "manifests"
 PREFIX = "cond_stage_model.transformer.text_model."
 BOS, EOS = 49406, 49407  # start of text; end of text, which SD's tokenizer also pads with
 

@@ -1,7 +1,7 @@
 """Full-size SD 1.5 parity: `ldm.load` on an original-layout checkpoint vs diffusers / transformers.
 
 A random checkpoint has exactly the tensor names, shapes and dtypes of the released
-v1-5-pruned-emaonly (from ../shared/manifests); it is loaded from memory, and written as
+v1-5-pruned-emaonly (from tests/data/manifests); it is loaded from memory, and written as
 .safetensors and as a Lightning-style .ckpt to show the files load the same (one 4.3 GB file on
 disk at a time). The references get the same tensors through diffusers' own original-to-diffusers
 converters, so the name map is checked by code nobody here wrote. fp32 on CPU, random inputs,

@@ -1,7 +1,7 @@
 """Full-size SD 2.1 (768-v) parity: `ldm.load` on original-layout tensors vs diffusers.
 
 A random state dict with exactly the tensor names, shapes and dtypes of the released
-v2-1_768-ema-pruned (../shared/manifests/sd21_768v.tsv) is loaded by ldm from memory (the SD 1.5
+v2-1_768-ema-pruned (tests/data/manifests/sd21_768v.tsv) is loaded by ldm from memory (the SD 1.5
 parity shows that files load as their tensors) and, through diffusers' own original-to-diffusers
 converters, into diffusers' StableDiffusionPipeline with a DDIM scheduler predicting v as the
 original's 768-v config does. Everything SD 2 adds is on the path: the OpenCLIP text encoder's

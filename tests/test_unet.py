@@ -1,7 +1,6 @@
 """U-Net tests: checkpoint names and shapes, the block table, parity with diffusers, inputs."""
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +10,8 @@ from ldm.models.transformer import GroupNorm32, SpatialTransformer
 from ldm.models.unet import (UNET_SD15_INPAINTING, UNET_SD21, UNET_TINY, Downsample, ResBlock,
                              UNet, UNetConfig, Upsample, timestep_embedding)
 
-from helpers import randomize_
+from helpers import MANIFESTS, randomize_
 
-MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "manifests"
 PREFIX = "model.diffusion_model."
 
 

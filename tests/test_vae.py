@@ -1,14 +1,11 @@
 """Tests of the KL autoencoder: checkpoint names, shapes, and parity against diffusers."""
-from pathlib import Path
-
 import pytest
 import torch
 
 from ldm.models.vae import VAE_TINY, AutoencoderKL, VAEConfig
 
-from helpers import randomize_
+from helpers import MANIFESTS, randomize_
 
-MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "manifests"
 PREFIX = "first_stage_model."
 TOLERANCE = 1e-5
 
