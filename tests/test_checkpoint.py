@@ -1,7 +1,7 @@
 """The checkpoint map and loader: coverage of the real key sets, round trips, EMA, bad files.
 
 Models are the tiny preset with random weights; the real SD key sets come from the manifests of
-the released files (../shared/manifests), checked on the meta device without any weights.
+the released files (tests/data/manifests), checked on the meta device without any weights.
 """
 import os
 import warnings
@@ -33,21 +33,31 @@ def expected_shapes(networks):
             for n, t in m.state_dict().items()}
 
 
-@pytest.mark.parametrize("preset, manifest", [("sd15", "sd15_emaonly"), ("sd15", "sd14"),
-                                              ("sd15-inpainting", "sd15_inpainting"),
-                                              ("sd21", "sd21_768v"), ("sd21-base", "sd21_768v")])
-def test_map_covers_every_real_tensor_exactly_once(preset, manifest):
-    real = read_manifest(manifest)
+# Every manifest and the preset that loads it; the full-EMA file twice, once per U-Net copy.
+RELEASES = [("sd15", "sd15_emaonly", False), ("sd15", "sd14", False),
+            ("sd15", "sd15_pruned_full_ema", False), ("sd15", "sd15_pruned_full_ema", True),
+            ("sd15-inpainting", "sd15_inpainting", False),
+            ("sd21", "sd21_768v", False), ("sd21-base", "sd21_768v", False)]
+
+
+@pytest.mark.parametrize("preset, manifest, use_ema", RELEASES)
+def test_map_covers_every_real_tensor_exactly_once(preset, manifest, use_ema):
+    """The model's state dict through the name map is the release's tensor set, names and
+    shapes, exactly: nothing missing, nothing extra but checkpoint.IGNORED and, in a full-EMA
+    file, the U-Net copy not loaded."""
+    real = {name: shape for name, (shape, _) in read_manifest(manifest).items()}
     networks = meta_networks(preset)
     text_prefix = checkpoint.TEXT_PREFIXES[PRESETS[preset].text_encoder]
-    rows = checkpoint.name_map(networks, text_prefix=text_prefix)
+    rows = checkpoint.name_map(networks, use_ema=use_ema, text_prefix=text_prefix)
     assert len(set(rows.values())) == len(rows), "two parameters map to one original name"
-    loaded = set(real) - NOT_LOADED - set(ldm.schedule.checkpoint_buffers())
-    assert set(rows.values()) == loaded
     shapes = expected_shapes(networks)
-    wrong = {o: (shapes[ours], real[o][0]) for ours, o in rows.items() if shapes[ours] != real[o][0]}
-    assert not wrong
-    assert all(name in checkpoint.IGNORED for name in set(real) - loaded)
+    ours = {original: shapes[name] for name, original in rows.items()}
+    other_copy = checkpoint.PREFIXES["unet"] if use_ema else checkpoint.EMA_PREFIX
+    theirs = {name: shape for name, shape in real.items()
+              if name not in checkpoint.IGNORED and not name.startswith(other_copy)}
+    assert sorted(set(theirs) - set(ours)) == [], "tensors of the release the model lacks"
+    assert sorted(set(ours) - set(theirs)) == [], "tensors of the model the release lacks"
+    assert {n: (ours[n], theirs[n]) for n in ours if ours[n] != theirs[n]} == {}
 
 
 def test_sd2_inpainting_is_sd21_with_nine_input_channels():
