@@ -191,6 +191,14 @@ REFERENCE_SCHEDULERS = {
         **SD_BETAS, steps_offset=1, timestep_spacing="leading"),
     "dpmpp_2m": lambda: diffusers.DPMSolverMultistepScheduler(
         **SD_BETAS, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero"),
+    "lms": lambda: diffusers.LMSDiscreteScheduler(
+        **SD_BETAS, steps_offset=1, timestep_spacing="leading"),
+    "dpm2": lambda: diffusers.KDPM2DiscreteScheduler(
+        **SD_BETAS, steps_offset=1, timestep_spacing="leading"),
+    # UniPC takes no explicit timesteps; its "trailing" spacing is ComfyUI's "simple" schedule.
+    "unipc_simple": lambda: diffusers.UniPCMultistepScheduler(
+        **SD_BETAS, solver_type="bh2", solver_order=2, final_sigmas_type="zero",
+        timestep_spacing="trailing"),
 }
 
 
@@ -211,7 +219,7 @@ def reference_pipeline(sd15_tensors, tmp_path_factory):
 @torch.no_grad()
 @pytest.mark.parametrize("sampler", REFERENCE_SCHEDULERS)
 def test_txt2img_matches_diffusers_pipeline(pipe, reference_pipeline, sampler):
-    """Issue 3's end-to-end check, for DDIM and two of k-diffusion's samplers: the same latents
+    """Issue 3's end-to-end check, for DDIM and the deterministic σ samplers: the same latents
     through our txt2img and diffusers' StableDiffusionPipeline with the matching scheduler;
     final latents within 1e-5 (relative), mean absolute pixel difference at most 1 of 255."""
     reference_pipeline.scheduler = REFERENCE_SCHEDULERS[sampler]()
