@@ -31,30 +31,11 @@ from ldm.samplers.common import sigmas_of
 from ldm.samplers.lcm import boundary_scalings
 from ldm.samplers.registry import SIGMA_SCHEDULES
 from ldm.samplers.schedules import SCHEDULES, ddim_uniform, karras, lcm
+from test_k_samplers import fresh_seed, randn, toy_eps_fn
 
 AC = schedule.alphas_cumprod()  # (1000,) float64
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 PARITY = 1e-12
-
-
-def randn(seed, *shape):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def toy_eps_fn(seed):
-    """A fixed random channel mix of x plus a fixed random map scaled by sin(t / 300)."""
-    w, b = randn(seed, 4, 4) / 2, randn(seed + 1, 4, 5, 5)
-
-    def eps_fn(x, t):
-        assert t.shape == (x.shape[0],)
-        mix = torch.einsum("oc,bchw->bohw", w.to(x.dtype), x)
-        scale = torch.sin(t.double() / 300.0).to(x.dtype)[:, None, None, None]
-        return 0.5 * mix + scale * b.to(x.dtype)
-    return eps_fn
-
-
-def fresh_seed():
-    return int(torch.randint(1 << 30, ()))
 
 
 def problem():
