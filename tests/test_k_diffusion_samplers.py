@@ -25,6 +25,7 @@ from ldm.samplers import SAMPLERS
 from ldm.samplers.brownian import BrownianNoise, noise_sampler
 from ldm.samplers.common import sigmas_of
 from ldm.samplers.dpm2 import sample_dpm2, sample_dpm2_ancestral
+from ldm.samplers.dpmpp import sample_dpmpp_2m_sde
 from ldm.samplers.dpmpp_2s import sample_dpmpp_2s_ancestral
 from ldm.samplers.dpmpp_3m_sde import sample_dpmpp_3m_sde
 from ldm.samplers.dpmpp_sde import sample_dpmpp_sde
@@ -53,13 +54,16 @@ CASES = {
     "dpmpp_3m_sde": (sample_dpmpp_3m_sde, "sample_dpmpp_3m_sde", "gaussian", {}),
     "dpmpp_3m_sde brownian": (sample_dpmpp_3m_sde, "sample_dpmpp_3m_sde", "brownian",
                               {"noise": "brownian"}),
+    # tests/test_k_samplers.py compares the Gaussian 2M SDE with diffusers'
+    "dpmpp_2m_sde brownian": (sample_dpmpp_2m_sde, "sample_dpmpp_2m_sde", "brownian",
+                              {"noise": "brownian"}),
 }
 SCHEDULE_STEPS = [(ddim_uniform, 1), (ddim_uniform, 2), (ddim_uniform, 5), (ddim_uniform, 20),
                   (karras, 2), (karras, 4), (karras, 12), (exponential, 3), (exponential, 15)]
 # torchsde warns when k-diffusion's query at σ_max lies past the tree's end rounded to 1e-6
 pytestmark = pytest.mark.filterwarnings("ignore:Should have:UserWarning")
 NOISY = {sample_dpm2_ancestral, sample_dpmpp_2s_ancestral, sample_dpmpp_sde,
-         sample_dpmpp_3m_sde}
+         sample_dpmpp_3m_sde, sample_dpmpp_2m_sde}
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +152,9 @@ def run_case(k_sampling, case, make_ts, steps):
                          ids=[f"{f.__name__}-{n}" for f, n in SCHEDULE_STEPS])
 @pytest.mark.parametrize("case", CASES)
 def test_matches_k_diffusion(k_sampling, case, make_ts, steps):
-    if CASES[case][1] == "sample_dpmpp_3m_sde" and steps == 1:
-        pytest.skip("k-diffusion's 3M SDE fails on one step (its history update reads h, unset "
-                    "there); test_one_step_lands_on_the_denoised_estimate covers it")
+    if CASES[case][1] in ("sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde") and steps == 1:
+        pytest.skip("k-diffusion's 2M and 3M SDE fail on one step (their history update reads "
+                    "h, unset there); test_one_step_lands_on_the_denoised_estimate covers it")
     assert run_case(k_sampling, case, make_ts, steps) <= TOLERANCE
 
 

@@ -18,15 +18,14 @@ The SDE variant ("2M SDE") solves the reverse SDE instead, adding fresh noise z:
 with the ½ (w/r) term from the second step on (k-diffusion's "midpoint" form), and the same
 last step to σ = 0, x_{i+1} = D_i, without noise. At η = 0, w = 1 − e^{−h} and
 w D_i + ½ (w/r) (D_i − D_{i−1}) = w D': the update is 2M's (tests/test_k_samplers.py checks
-it). The noise is plain Gaussian, as in diffusers' sde-dpmsolver++ (k-diffusion defaults to
-a Brownian tree, which needs torchsde).
+it). The noise is plain Gaussian by default, as in diffusers' sde-dpmsolver++; noise="brownian"
+takes it from a Brownian path seeded from `generator` (brownian.py), as k-diffusion and A1111 do.
 
 Shapes: x, D (B, C, h, w); timesteps descending, fractional allowed; alphas_cumprod (T,).
 """
 import math
 
-import torch
-
+from ldm.samplers.brownian import noise_sampler
 from ldm.samplers.sigmas import apply_callback, enter_sigma_space
 
 
@@ -53,14 +52,16 @@ def sample_dpmpp_2m(eps_fn, x, timesteps, alphas_cumprod, *, callback=None):
     return x
 
 
-def sample_dpmpp_2m_sde(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, generator=None,
-                        callback=None):
-    """DPM++ 2M SDE; as sample_dpmpp_2m, plus fresh noise z after every step but the last, drawn
-    as torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype). eta scales
-    the noise: 1 is k-diffusion's (and diffusers') 2M SDE, 0 is 2M."""
+def sample_dpmpp_2m_sde(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, noise="gaussian",
+                        generator=None, callback=None):
+    """DPM++ 2M SDE; as sample_dpmpp_2m, plus fresh noise z after every step but the last:
+    noise "gaussian" draws torch.randn(x.shape, generator=generator, device=x.device,
+    dtype=x.dtype), "brownian" a Brownian increment (brownian.noise_sampler). eta scales the
+    noise: 1 is k-diffusion's (and diffusers') 2M SDE, 0 is 2M."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     ts, sigmas, denoise, x = enter_sigma_space(eps_fn, x, timesteps, alphas_cumprod)
+    z = noise_sampler(noise, x, sigmas, generator)
     x0_prev = None  # D_{i−1}
     for i, t in enumerate(ts):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -75,8 +76,7 @@ def sample_dpmpp_2m_sde(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, genera
                 r = math.log(sigmas[i - 1] / sigma) / h
                 x = x + 0.5 * weight / r * (x0 - x0_prev)
             if eta > 0:
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                x = x + sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * z
+                x = x + sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * z(sigma, sigma_next)
         x0_prev = x0
         x = apply_callback(callback, i, t, x, sigma_next, x0)
     return x
