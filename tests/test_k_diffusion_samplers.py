@@ -30,7 +30,7 @@ from ldm.samplers.dpmpp_2s import sample_dpmpp_2s_ancestral
 from ldm.samplers.dpmpp_3m_sde import sample_dpmpp_3m_sde
 from ldm.samplers.dpmpp_sde import sample_dpmpp_sde
 from ldm.samplers.lms import lms_coefficients, sample_lms
-from ldm.samplers.schedules import ddim_uniform, exponential, karras
+from ldm.samplers.schedules import ddim_uniform, exponential, karras, normal, sgm_uniform, simple
 from ldm.samplers.sigmas import sigma_to_t, step_sigmas
 from test_k_samplers import fresh_seed, randn, toy_eps_fn
 
@@ -67,15 +67,15 @@ NOISY = {sample_dpm2_ancestral, sample_dpmpp_2s_ancestral, sample_dpmpp_sde,
 
 
 @pytest.fixture(scope="module")
-def k_sampling():
-    """k-diffusion's sampling module, from the wheel; torchvision (imported by its utils.py) and
+def k_diffusion():
+    """k-diffusion's sampling and external modules, from the wheel; torchvision (imported by its utils.py) and
     torchdiffeq (its log-likelihood ODE) are stubbed while it loads, tqdm too if absent."""
     if not K_DIFFUSION_WHEEL.exists():
         pytest.skip(f"no k-diffusion wheel at {K_DIFFUSION_WHEEL} (run make test, or set "
                     "K_DIFFUSION_WHEEL)")
     with zipfile.ZipFile(K_DIFFUSION_WHEEL) as wheel:
         sources = {name: wheel.read(f"k_diffusion/{name}.py").decode()
-                   for name in ("utils", "sampling")}
+                   for name in ("utils", "sampling", "external")}
     package = types.ModuleType("k_diffusion")
     package.__path__ = []
     stubs = {"k_diffusion": package, "torchdiffeq": types.ModuleType("torchdiffeq")}
@@ -97,7 +97,12 @@ def k_sampling():
             setattr(package, name, module)
             exec(compile(source, f"{K_DIFFUSION_WHEEL.name}/k_diffusion/{name}.py", "exec"),
                  module.__dict__)
-    return package.sampling
+    return package
+
+
+@pytest.fixture(scope="module")
+def k_sampling(k_diffusion):
+    return k_diffusion.sampling
 
 
 def k_denoiser(eps_fn):
@@ -210,6 +215,40 @@ def test_lms_coefficients_integrate_polynomials_exactly(order):
         exact = (nodes[0] ** (degree + 1) - nodes[1] ** (degree + 1)) / (degree + 1)
         assert sum(c * s ** degree for c, s in zip(coeffs, nodes[1:])) == pytest.approx(
             exact, rel=1e-12)
+
+
+@pytest.mark.parametrize("steps", [2, 7, 25, 50])
+def test_karras_and_exponential_steps_are_k_diffusions(k_sampling, steps):
+    """Our schedules' σ (through their fractional timesteps and back) against k-diffusion's
+    get_sigmas_karras / get_sigmas_exponential between the schedule's own σ_min and σ_max."""
+    sigmas = sigmas_of(AC)
+    ends = dict(sigma_min=sigmas[0].item(), sigma_max=sigmas[-1].item())
+    for ours, theirs in [(karras, k_sampling.get_sigmas_karras(steps, rho=7.0, **ends)),
+                         (exponential, k_sampling.get_sigmas_exponential(steps, **ends))]:
+        _, ours_sigmas = step_sigmas(ours(steps, AC), AC)
+        error = rel_error(torch.tensor(ours_sigmas, dtype=torch.float64), theirs.double())
+        # k-diffusion builds its ramp in float32: agreement to float32 rounding
+        assert error < 1e-6, (ours.__name__, error)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7, 25, 50])
+def test_normal_sgm_uniform_and_simple_steps_are_a1111s(k_diffusion, steps):
+    """The schedules A1111 builds on k-diffusion's DiscreteSchedule (modules/sd_schedulers.py):
+    "Uniform" is its get_sigmas(n); "SGM Uniform" its t_to_sigma over linspace(t(σ_max),
+    t(σ_min), n + 1) without the last; "Simple" every (T/n)-th of its σ from the top."""
+    schedule = k_diffusion.external.DiscreteSchedule(sigmas_of(AC), quantize=False)
+    start, end = (schedule.sigma_to_t(s) for s in (schedule.sigma_max, schedule.sigma_min))
+    stride = len(schedule.sigmas) / steps
+    references = {
+        normal: schedule.get_sigmas(steps)[:-1],
+        sgm_uniform: schedule.t_to_sigma(torch.linspace(start, end, steps + 1)[:-1]),
+        simple: torch.stack([schedule.sigmas[-(1 + int(k * stride))] for k in range(steps)]),
+    }
+    for ours, theirs in references.items():
+        _, ours_sigmas = step_sigmas(ours(steps, AC), AC)
+        error = rel_error(torch.tensor(ours_sigmas[:-1], dtype=torch.float64), theirs.double())
+        # simple picks trained steps: exact; the others go through t_to_sigma's float32 t
+        assert error < (1e-14 if ours is simple else 1e-6), (ours.__name__, error)
 
 
 def test_sigma_to_t_clamps_to_the_schedule_only_when_asked():
