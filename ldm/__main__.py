@@ -1,5 +1,5 @@
 import sys
 
-from ldm.cli import main
+from ldm.cli import run
 
-sys.exit(main())
+sys.exit(run())

@@ -1,12 +1,36 @@
 """The command line: `python -m ldm txt2img "a red circle" --out out.png` (also img2img, inpaint).
 
 With no --ckpt, the small model shipped in weights/ is used. Each PNG carries its generation
-parameters as PNG text; an existing file is never replaced unless --overwrite is given: the
-next free numbered name (out-1.png, out-2.png, …) is used instead.
+parameters (its own seed among them) as PNG text.
+
+Output files: the images of a run take the names of one series, out.png, out-1.png,
+out-2.png, … Without --overwrite an existing file is never replaced: each image takes the next
+free name of the series, so a second run continues it. With --overwrite the N images of a run
+replace exactly the first N names (out.png … out-{N-1}.png). Each PNG is written to a hidden
+temporary file `.out.png.<pid>@<host>.partial` and linked or renamed into place, so a file of the
+series is complete or absent; the temporary file is removed on any error or Ctrl-C. A process
+killed outright (SIGKILL) cannot remove it: the next run in that directory removes those of
+processes of this host that have ended, and never counts them as names of the series.
+
+Seeds: image i of a run is made with seed + i, which its PNG records. A seed is kept exactly as
+given, never reduced: seed + i must be in [0, 2**64), the range of torch's generator seeds.
+
+Failures (`run`, what `python -m ldm` calls) are one line on stderr and an exit code:
+    2    the command line cannot work (argparse's convention): a value out of range, a file that
+         does not exist or cannot be opened (--ckpt, --image, --mask), an --out that cannot be
+         written, a --device that is not there. All are checked before the model loads.
+    1    the run failed: a checkpoint or image whose content is unusable (corrupt, refused,
+         misshapen, too many pixels), a write that failed (disk full), out of memory.
+    130  interrupted (Ctrl-C).
+--debug shows the traceback instead. `main` is the same command for callers in Python: it
+raises instead of reporting.
 """
 import argparse
 import hashlib
+import math
 import os
+import re
+import socket
 import sys
 from pathlib import Path
 
@@ -14,9 +38,11 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ldm import schedule as noise_schedule
+from ldm.checkpoint import CheckpointError
 from ldm.config import PRESETS
 from ldm.loader import DEFAULT_CHECKPOINT, load
-from ldm.samplers import SAMPLERS, SCHEDULES, resolve
+from ldm.samplers import SAMPLERS, SCHEDULES, resolve, timesteps
 from ldm.samplers.registry import a1111_names, sampler_names
 
 COMMANDS = {
@@ -24,10 +50,24 @@ COMMANDS = {
     "img2img": "re-imagine an input image following a text prompt",
     "inpaint": "repaint the white part of a mask in an image following a text prompt",
 }
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+SEED_END = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
+SIZE_MULTIPLE = 8  # the SD VAEs downsample by 8; the pipeline checks its own model's factor too
+
+
+class UsageError(ValueError):
+    """A command line that cannot work, found before anything is loaded (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with each error on one line (argparse's own adds the usage text above it)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m ldm", description="Generate images with latent diffusion. Without "
         "--ckpt, the small model shipped with ldm (64x64 shapes) is used.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -67,71 +107,233 @@ def _add_common(sub):
                      + ", ".join(SCHEDULES) + ")")
     sub.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale; 1 = none")
     sub.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic")
-    sub.add_argument("--seed", type=int, help="the same seed gives the same image (default: random)")
+    sub.add_argument("--seed", type=int, help="the same seed gives the same image; image i of a "
+                     "run takes seed + i, in [0, 2**64) (default: random)")
     sub.add_argument("--num-images", type=int, default=1, help="images to make (default 1)")
     sub.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (default "
-                     "out.png; taken names get a number: out-1.png, …)")
-    sub.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+                     "out.png); the images of a run are out.png, out-1.png, …, each taking the "
+                     "next free name")
+    sub.add_argument("--overwrite", action="store_true", help="replace the first N names of "
+                     "the --out series (out.png, out-1.png, …) for N images, taken or not")
     sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     sub.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                      help="default: float16 on CUDA, float32 on CPU")
     sub.add_argument("--no-progress", action="store_true",
                      help="hide the progress bar (shown when stderr is a terminal)")
+    sub.add_argument("--debug", action="store_true",
+                     help="on an error, show the traceback instead of one line")
+
+
+# ---------------------------------------------------------------- the command
+def run(argv=None):
+    """`python -m ldm`: run one command line; returns the exit code, reporting an error as one
+    line on stderr (see the module docstring), or raising it with --debug."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or argparse's own error line (2)
+        return e.code
+    try:
+        return execute(args)
+    except BaseException as e:
+        code, message = _failure(e, args)
+        if code is None or args.debug:
+            raise  # not a user error, or asked for: the traceback
+        print(f"python -m ldm {args.command}: {message}", file=sys.stderr)
+        return code
+
+
+def _failure(error, args):
+    """(exit code, message) for an error a user can cause; (None, None) for any other."""
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted"
+    if isinstance(error, CheckpointError):
+        source = "argument --ckpt" if args.ckpt is not None else "the shipped model"
+        return EXIT_FAILED, f"error: {source}: {error}"
+    if isinstance(error, (ValueError, TypeError)):
+        return EXIT_USAGE, f"error: {error}"
+    if isinstance(error, (OSError, torch.OutOfMemoryError)):
+        return EXIT_FAILED, f"error: {error}"
+    if isinstance(error, MemoryError):
+        return EXIT_FAILED, "error: out of memory"
+    return None, None
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
+    """The command for callers in Python: 0 on success; errors raise (`run` reports them)."""
+    return execute(build_parser().parse_args(argv))
+
+
+def execute(args):
+    """Check the command line, load the model, generate, write the PNGs (printing each path)."""
+    inputs = check(args)
+    default_dtype = "float16" if args.device.startswith("cuda") else "float32"
+    dtype = getattr(torch, args.dtype or default_dtype)
     pipe = load(args.ckpt, device=args.device, dtype=dtype, config=args.config)
     seed = args.seed if args.seed is not None else int(torch.randint(2**31, ()))
-    images = _generate(pipe, args, seed)
-    info = _parameters(pipe, args, seed, images[0].size)
-    for index, image in enumerate(images):
-        path = write_png(image, args.out, {**info, "image_index": str(index)},
-                         overwrite=args.overwrite)
+    images = _generate(pipe, args, seed, inputs)
+    info = _parameters(pipe, args, images[0].size)
+    texts = [_with_seed(info, seed + index, index) for index in range(len(images))]
+    for path in save_images(images, texts, args.out, overwrite=args.overwrite):
         print(path)
     return 0
 
 
-def _generate(pipe, args, seed):
+def _generate(pipe, args, seed, inputs):
     common = dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
-                  schedule=args.schedule, cfg_scale=args.cfg_scale, seed=seed, num_images=args.num_images, eta=args.eta,
+                  schedule=args.schedule, cfg_scale=args.cfg_scale, seed=seed,
+                  num_images=args.num_images, eta=args.eta,
                   progress=False if args.no_progress else None)
     if args.command == "txt2img":
         return pipe.txt2img(args.prompt, height=args.height, width=args.width, **common)
-    image = _open_image(args.image)
     if args.command == "img2img":
-        return pipe.img2img(image, args.prompt, strength=args.strength, **common)
-    return pipe.inpaint(image, _open_image(args.mask), args.prompt, **common)
+        return pipe.img2img(inputs["image"], args.prompt, strength=args.strength, **common)
+    return pipe.inpaint(inputs["image"], inputs["mask"], args.prompt, **common)
 
 
-def _open_image(path):
+# ---------------------------------------------------------------- checks before loading
+def check(args):
+    """What can be checked before the model loads, so that a user error costs no load time.
+
+    Raises UsageError naming the argument; returns the input images ({"image": …, "mask": …}),
+    read now so that an unreadable one is found before the load (OSError, naming the argument).
+    """
+    _check_values(args)
+    _check_sampling(args)
+    _check_device(args.device)
+    if args.ckpt is not None:
+        _check_readable("--ckpt", args.ckpt)
+    inputs = {name: _open_image(f"--{name}", getattr(args, name))
+              for name in ("image", "mask") if getattr(args, name, None) is not None}
+    check_out(args.out)
+    return inputs
+
+
+def _check_values(args):
+    if args.num_images < 1:
+        raise UsageError(f"argument --num-images: must be at least 1, got {args.num_images}")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"argument --steps: must be at least 1, got {args.steps}")
+    for name in ("height", "width"):
+        value = getattr(args, name, None)
+        if value is not None and (value <= 0 or value % SIZE_MULTIPLE):
+            raise UsageError(f"argument --{name}: must be a positive multiple of "
+                             f"{SIZE_MULTIPLE}, got {value}")
+    last = SEED_END - args.num_images  # the largest seed whose images all have seeds < 2**64
+    if args.seed is not None and not 0 <= args.seed <= last:
+        raise UsageError(f"argument --seed: must be in [0, 2**64 - {args.num_images}] (image i "
+                         f"takes seed + i, below 2**64; leave --seed out for a random one), "
+                         f"got {args.seed}")
+    strength = getattr(args, "strength", 1.0)
+    if not 0 < strength <= 1:
+        raise UsageError(f"argument --strength: must be in (0, 1], got {strength}")
+    if not (math.isfinite(args.eta) and args.eta >= 0):
+        raise UsageError(f"argument --eta: must be a finite number >= 0, got {args.eta}")
+    if args.cfg_scale is not None and not math.isfinite(args.cfg_scale):
+        raise UsageError(f"argument --cfg-scale: must be a finite number, got {args.cfg_scale}")
+
+
+def _check_sampling(args):
+    """Sampler, schedule and steps together, when the sampler is known without the file."""
+    sampler = args.sampler or (PRESETS[args.config].sampling.sampler if args.config else None)
+    if sampler is None:
+        # The model's own sampler is known once its file is read; until then, steps beyond
+        # what any sampler takes are refused, and the pipeline checks the rest.
+        most = max(entry.max_steps for entry in SAMPLERS.values())
+        if args.steps is not None and args.steps > most:
+            raise UsageError(f"argument --steps: no sampler takes more than {most}, "
+                             f"got {args.steps}")
+        return
     try:
-        return Image.open(path).convert("RGB")
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"cannot read image {path}: {e}") from e
+        entry, schedule = resolve(sampler, args.schedule)
+    except ValueError as e:
+        raise UsageError(f"argument --schedule: {e}") from e
+    if args.steps is not None:
+        try:
+            timesteps(entry, schedule, args.steps, noise_schedule.alphas_cumprod())
+        except ValueError as e:
+            raise UsageError(f"argument --steps: {e}") from e
 
 
-def _parameters(pipe, args, seed, size):
-    """The generation parameters, as PNG text chunks, and the "parameters" summary A1111 writes
-    (its sampler and schedule names, so A1111's PNG Info and `samplers.from_a1111` read it)."""
+def _check_device(name):
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"argument --device: {e}") from e
+    available = {"cpu": lambda: 1, "cuda": torch.cuda.device_count,
+                 "mps": lambda: int(torch.backends.mps.is_available())}
+    count = available.get(device.type, lambda: 1)()  # other types: torch tells at load
+    if count == 0:
+        raise UsageError(f"argument --device: {name!r} asked for, but this torch sees no "
+                         f"{device.type} device")
+    if device.index is not None and device.index >= count:
+        raise UsageError(f"argument --device: {name!r} asked for, but this torch sees "
+                         f"{count} {device.type} device(s)")
+
+
+def _check_readable(argument, path):
+    if not path.is_file():
+        problem = "is a directory" if path.is_dir() else "does not exist"
+        raise UsageError(f"argument {argument}: {path} {problem}")
+    try:
+        open(path, "rb").close()
+    except OSError as e:
+        raise UsageError(f"argument {argument}: cannot open {path}: {e.strerror}") from e
+
+
+def _open_image(argument, path):
+    _check_readable(argument, path)
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise OSError(f"argument {argument}: cannot read image {path}: {e}") from e
+
+
+def check_out(out):
+    """Refuse an --out that cannot be written (UsageError), by writing a temporary file there;
+    remove the temporary files that killed ldm processes left in its directory."""
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"argument --out: must name a .png file, got {out}")
+    if out.is_dir():
+        raise UsageError(f"argument --out: {out} is a directory")
+    if not out.parent.is_dir():
+        problem = "is not a directory" if out.parent.exists() else "does not exist"
+        raise UsageError(f"argument --out: directory {out.parent} {problem}")
+    remove_stale_temporaries(out.parent)
+    probe = _temporary(out)
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+    except OSError as e:
+        raise UsageError(f"argument --out: cannot write in {out.parent}: {e.strerror}") from e
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- the PNGs
+def _parameters(pipe, args, size):
+    """The generation parameters shared by the images of a run, as PNG text chunks."""
     sampling = pipe.config.sampling
     ckpt = args.ckpt or DEFAULT_CHECKPOINT
     sampler, schedule = resolve(args.sampler or sampling.sampler, args.schedule)
-    a1111_sampler, a1111_schedule = a1111_names(sampler, schedule)
-    info = {
-        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": str(seed),
+    return {
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt,
         "sampler": sampler.name, "schedule": schedule, "steps": str(args.steps or sampling.steps),
         "cfg_scale": str(args.cfg_scale if args.cfg_scale is not None else sampling.cfg_scale),
         "size": f"{size[0]}x{size[1]}", "model": ckpt.name, "model_sha256": _sha256(ckpt),
         "command": args.command,
     }
-    info["parameters"] = (f"{info['prompt']}\nNegative prompt: {info['negative_prompt']}\n"
-                          f"Steps: {info['steps']}, Sampler: {a1111_sampler}, "
-                          + (f"Schedule type: {a1111_schedule}, " if a1111_schedule else "")
-                          + f"CFG scale: {info['cfg_scale']}, Seed: {seed}, Size: {info['size']}, "
-                          f"Model hash: {info['model_sha256'][:10]}, Model: {ckpt.name}")
-    return info
+
+
+def _with_seed(info, seed, index):
+    """One image's text chunks: its own seed, and the "parameters" summary A1111 writes (its
+    sampler and schedule names, so A1111's PNG Info and `samplers.from_a1111` read it)."""
+    a1111_sampler, a1111_schedule = a1111_names(SAMPLERS[info["sampler"]], info["schedule"])
+    parameters = (f"{info['prompt']}\nNegative prompt: {info['negative_prompt']}\n"
+                  f"Steps: {info['steps']}, Sampler: {a1111_sampler}, "
+                  + (f"Schedule type: {a1111_schedule}, " if a1111_schedule else "")
+                  + f"CFG scale: {info['cfg_scale']}, Seed: {seed}, Size: {info['size']}, "
+                  f"Model hash: {info['model_sha256'][:10]}, Model: {info['model']}")
+    return {**info, "seed": str(seed), "image_index": str(index), "parameters": parameters}
 
 
 def _sha256(path):
@@ -142,35 +344,88 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def write_png(image, path, text, *, overwrite=False):
-    """Save `image` with PNG text chunks, complete or not at all; returns the path written.
+def series_name(out, number):
+    """The name of image `number` of the --out series: out.png, out-1.png, out-2.png, …"""
+    return out if number == 0 else out.with_name(f"{out.stem}-{number}{out.suffix}")
 
-    Without `overwrite`, an existing file is kept and the next free name is used (out-1.png …);
-    the PNG is written to a temporary file first and linked into place, which is atomic and
-    fails rather than replace a file that appeared meanwhile.
-    """
+
+def save_images(images, texts, out, *, overwrite=False):
+    """Write each image, with its text chunks, to its own name of the `out` series; returns
+    the paths. overwrite: replace exactly the first len(images) names; else take free ones."""
+    out, paths, number = Path(out), [], 0
+    for index, (image, text) in enumerate(zip(images, texts)):
+        if overwrite:
+            path, number = _save(image, text, out, replace=series_name(out, index))
+        else:
+            path, number = _save(image, text, out, first=number)
+            number += 1
+        paths.append(path)
+    return paths
+
+
+def write_png(image, path, text, *, overwrite=False):
+    """Save one image as `path` (replacing it with overwrite; else the next free name of its
+    series), complete or not at all; returns the path written."""
     path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise SystemExit(f"--out must be a .png file, got {path}")
+    return _save(image, text, path, replace=path if overwrite else None)[0]
+
+
+def _save(image, text, out, *, replace=None, first=0):
+    """Write a temporary file, then rename it onto `replace`, or link it to the first free name
+    of the `out` series from number `first` (a link is atomic and fails rather than replace a
+    file that appeared meanwhile). Returns (path, number); the temporary file never stays."""
     metadata = PngInfo()
     for key, value in text.items():
         metadata.add_text(key, value)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    image.save(tmp, format="PNG", pnginfo=metadata)
+    tmp = _temporary(out)
     try:
-        if overwrite:
-            os.replace(tmp, path)
-            return path
-        for number in range(100000):
-            candidate = path if number == 0 else path.with_name(f"{path.stem}-{number}.png")
+        image.save(tmp, format="PNG", pnginfo=metadata)
+        if replace is not None:
+            os.replace(tmp, replace)
+            return replace, first
+        for number in range(first, first + 100000):
             try:
-                os.link(tmp, candidate)  # atomic, and fails rather than replace a file
-                return candidate
+                os.link(tmp, series_name(out, number))
+                return series_name(out, number), number
             except FileExistsError:
                 continue
-        raise SystemExit(f"no free file name next to {path}")
+        raise UsageError(f"argument --out: no free name in the series of {out}")
+    except OSError as e:
+        raise OSError(f"cannot write --out {replace or out}: {e.strerror or e}") from e
     finally:
         tmp.unlink(missing_ok=True)
 
+
+# A temporary PNG: `.out.png.<pid>@<host>.partial`, hidden, and never a name of any series.
+_TEMPORARY = re.compile(r"^\..+\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]*)\.partial$")
+
+
+def _host():
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+
+
+def _temporary(out):
+    return out.with_name(f".{out.name}.{os.getpid()}@{_host()}.partial")
+
+
+def remove_stale_temporaries(directory):
+    """Remove the temporary PNGs of processes of this host that have ended (killed while
+    writing); those of live processes, or of other hosts sharing the directory, stay."""
+    for path in Path(directory).glob(".*.partial"):
+        match = _TEMPORARY.match(path.name)
+        if match and match["host"] == _host() and not _alive(int(match["pid"])):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or not a pid: leave its file
+    return True
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
