@@ -328,3 +328,28 @@ def test_stale_temporary_files_of_dead_processes_are_removed(ckpt, tmp_path, cap
     assert cli.run(txt2img(ckpt, tmp_path / "m.png")) == 0
     assert capsys.readouterr().out == f"{tmp_path / 'm.png'}\n"
     assert listing(tmp_path) == sorted([live.name, elsewhere.name, "m.png"])
+
+
+def test_what_sigkill_leaves_is_removed_by_the_next_run(ckpt, tmp_path, capsys):
+    """A process killed outright while writing its PNG: the next run removes the temporary file."""
+    writer = (
+        "import sys, time\n"
+        "from PIL import Image\n"
+        "from ldm import cli\n"
+        "def slow(image, path, *args, **kwargs):\n"
+        "    open(path, 'wb').write(b'\\x89PNG half')\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+        "Image.Image.save = slow\n"
+        "cli.save_images([Image.new('RGB', (8, 8))], [{}], sys.argv[1])\n")
+    process = subprocess.Popen([sys.executable, "-c", writer, str(tmp_path / "m.png")],
+                               env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "writing\n"
+    process.kill()
+    process.wait()
+    left = listing(tmp_path)
+    assert left == [f".m.png.{process.pid}@{cli._host()}.partial"]
+    assert cli.run(txt2img(ckpt, tmp_path / "m.png")) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'm.png'}\n"  # not counted as a name
+    assert listing(tmp_path) == ["m.png"]
