@@ -15,7 +15,7 @@ Euler a, Heun, LMS, DPM2 (a), DPM++ 2S a, SDE, 2M, 2M SDE, 3M SDE) and UniPC ste
 taking any schedule's fractional timesteps, but take and return the same x_t; LCM has its own.
 Each sampler is one file; `SAMPLERS` in registry.py lists them with what they take.
 """
-from ldm.samplers.common import add_noise, alpha_bar
+from ldm.samplers.common import add_noise, alpha_bar, randn
 from ldm.samplers.ddim import ddim_step, ddim_timesteps, sample_ddim
 from ldm.samplers.ddpm import ddpm_step, sample_ddpm
 from ldm.samplers.dpm2 import sample_dpm2, sample_dpm2_ancestral
@@ -39,4 +39,4 @@ __all__ = ["SAMPLERS", "SCHEDULES", "Sampler", "add_noise", "alpha_bar", "cfg", 
            "sample_dpm2", "sample_dpm2_ancestral", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
            "sample_dpmpp_2s_ancestral", "sample_dpmpp_3m_sde", "sample_dpmpp_sde", "sample_euler",
            "sample_euler_ancestral", "sample_heun", "sample_lcm", "sample_lms", "sample_plms",
-           "sample_unipc", "timesteps"]
+           "randn", "sample_unipc", "timesteps"]

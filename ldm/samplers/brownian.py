@@ -19,6 +19,8 @@ import warnings
 import torch
 import torchsde
 
+from ldm.samplers.common import is_per_image, randn
+
 NOISE_KINDS = ("gaussian", "brownian")
 
 
@@ -55,15 +57,24 @@ class BrownianNoise:
 def noise_sampler(kind, x, sigmas, generator=None):
     """z(σ, σ') -> (B, C, h, w) standard-normal noise for the step from σ to σ'.
 
-    kind "gaussian": torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    generator: one torch.Generator for the batch (None: torch's global one), or a list of B, one
+    per image. kind "gaussian": common.randn(x.shape, generator, device=x.device, dtype=x.dtype)
     at each call. kind "brownian": BrownianNoise over the positive `sigmas`, its seed drawn from
-    `generator` (torch's global generator if None), so that a seed still fixes the image."""
+    `generator` (with a list, one path per image, its seed drawn from the image's generator),
+    so that a seed still fixes the image."""
     if kind == "gaussian":
-        return lambda sigma, sigma_next: torch.randn(x.shape, generator=generator,
-                                                     device=x.device, dtype=x.dtype)
+        return lambda sigma, sigma_next: randn(x.shape, generator, device=x.device, dtype=x.dtype)
     if kind != "brownian":
         raise ValueError(f"noise must be one of {NOISE_KINDS}, got {kind!r}")
-    device = "cpu" if generator is None else generator.device
-    seed = int(torch.randint(2 ** 63 - 1, (), generator=generator, device=device))
+    if is_per_image(generator, x.shape[0]):
+        seed = [_draw_seed(g) for g in generator]
+    else:
+        seed = _draw_seed(generator)
     positive = [s for s in sigmas if s > 0]
     return BrownianNoise(x, min(positive), max(positive), seed)
+
+
+def _draw_seed(generator):
+    """A Brownian tree's seed, drawn on the generator's device (the CPU for torch's global one)."""
+    device = "cpu" if generator is None else generator.device
+    return int(torch.randint(2 ** 63 - 1, (), generator=generator, device=device))

@@ -1,5 +1,5 @@
-"""What every sampler shares: ᾱ, the forward process q(x_t | x_0), x0 from ε, and the checks
-on a timestep list.
+"""What every sampler shares: ᾱ, the forward process q(x_t | x_0), x0 from ε, the checks
+on a timestep list, and the draw of fresh noise.
 
 ᾱ_t = ∏_{s ≤ t} (1 − β_s) is the one schedule quantity the samplers use. Its table is
 `alphas_cumprod` (diffusers' name, in every signature); `alpha_bar(t)` reads it at any t and
@@ -9,6 +9,32 @@ next visited step, as CompVis names it).
 Shapes: x, x0, noise (B, C, h, w); t an int or (B,) int64; alphas_cumprod (T,) float64.
 """
 import torch
+
+
+def randn(shape, generator, *, device=None, dtype=None):
+    """Standard-normal noise of `shape` (B, C, h, w): every sampler's fresh noise.
+
+    generator: one torch.Generator (None: torch's global one), which draws the whole batch in
+    one call, torch.randn(shape, generator=generator, …), the stream diffusers and k-diffusion
+    draw; or a list of B generators, image i's (C, h, w) drawn from generator i. With one
+    generator per image, an image's noise does not depend on the batch it is made in, so the
+    pipeline's image i of a batch seeded s is the image of seed s + i alone.
+    """
+    if not is_per_image(generator, shape[0]):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype)
+                        for g in generator])
+
+
+def is_per_image(generator, batch):
+    """Whether `generator` is a list of generators, one per image of a batch of `batch`;
+    ValueError for a list of another length."""
+    if not isinstance(generator, (list, tuple)):
+        return False
+    if len(generator) != batch:
+        raise ValueError(f"generator: {len(generator)} generators for a batch of {batch}; "
+                         "give one generator, or one per image")
+    return True
 
 
 def add_noise(x0, noise, t, alphas_cumprod):

@@ -12,7 +12,7 @@ Shapes: x, ε, z (B, C, h, w); t (B,) int64 for eps_fn; alphas_cumprod (T,) floa
 """
 import torch
 
-from ldm.samplers.common import alpha_bar_list, check_timesteps, full_t, predict_x0
+from ldm.samplers.common import alpha_bar_list, check_timesteps, full_t, predict_x0, randn
 
 
 def ddim_timesteps(steps, num_train_steps=1000):
@@ -55,13 +55,17 @@ def sample_ddim(eps_fn, x, timesteps, alphas_cumprod, *, eta=0.0, generator=None
     """Run DDIM from x at timesteps[0] down through every timestep; returns the final latent.
 
     eps_fn(x, t) -> ε: x (B, C, h, w), t (B,) int64. timesteps: descending ints (a tail of
-    `ddim_timesteps(n)` for img2img). With eta > 0, z is drawn each step as
-    torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype).
+    `ddim_timesteps(n)` for img2img). eta: η in [0, 1]. With eta > 0, z is drawn each step as
+    common.randn(x.shape, generator, device=x.device, dtype=x.dtype): `generator` is one
+    torch.Generator for the batch or a list of one per image.
     callback(i, t, x, x0) after step i, with t the int step just taken, x the new latent and
     x0 the step's prediction of the clean latent; a returned tensor replaces x.
     """
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    # η ≤ 1 keeps σ_t² ≤ 1 − ᾱ_t', so that √(1 − ᾱ_t' − σ_t²) is real: by eq. 16,
+    # σ_t² = η² (1 − ᾱ_t') (1 − ᾱ_t/ᾱ_t') / (1 − ᾱ_t) ≤ η² (1 − ᾱ_t') as ᾱ_t' ≤ 1.
+    # (`not 0 <= eta <= 1` refuses NaN too.)
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1] (DDIM's η), got {eta}")
     ts = check_timesteps(timesteps, alphas_cumprod)
     alpha_bars = alpha_bar_list(ts, alphas_cumprod)
     # Quirk of the original: the last step goes to ᾱ_0 (≈ 0.99915), not to 1 (clean data),
@@ -72,7 +76,7 @@ def sample_ddim(eps_fn, x, timesteps, alphas_cumprod, *, eta=0.0, generator=None
         sigma = ddim_sigma(a_t, a_prev, eta)
         noise = None
         if sigma > 0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = randn(x.shape, generator, device=x.device, dtype=x.dtype)
         x, x0 = ddim_step(x, eps, a_t, a_prev, sigma, noise)
         if callback is not None:
             replaced = callback(i, t, x, x0)  # inpainting puts the known region back

@@ -13,9 +13,7 @@ DDPM's clip_denoised=True and clamps x0 to [-1, 1]; that range is the pixels', n
 
 Shapes: x, ε, z (B, C, h, w); t (B,) int64 for eps_fn; alphas_cumprod (T,) float64.
 """
-import torch
-
-from ldm.samplers.common import alpha_bar_list, check_timesteps, full_t, predict_x0
+from ldm.samplers.common import alpha_bar_list, check_timesteps, full_t, predict_x0, randn
 
 
 def ddpm_step(x, eps, a_t, a_prev, noise=None):
@@ -39,8 +37,8 @@ def sample_ddpm(eps_fn, x, timesteps, alphas_cumprod, *, generator=None, callbac
     timesteps: descending ints; torch.arange(999, -1, -1) is the full 1000-step chain.
     Returns the clean latent (the last step goes to ᾱ = 1, unlike DDIM's ᾱ_0).
     z is drawn on every step but the last as
-    torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype),
-    the same stream diffusers' DDPMScheduler draws from the same generator.
+    common.randn(x.shape, generator, device=x.device, dtype=x.dtype): from one generator,
+    the same stream diffusers' DDPMScheduler draws from it; or from a list of one per image.
     callback(i, t, x, x0) after step i, with t the int step just taken, x the new latent and
     x0 the step's prediction of the clean latent; a returned tensor replaces x.
     """
@@ -51,7 +49,7 @@ def sample_ddpm(eps_fn, x, timesteps, alphas_cumprod, *, generator=None, callbac
         eps = eps_fn(x, full_t(t, x))
         noise = None
         if i < len(ts) - 1:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = randn(x.shape, generator, device=x.device, dtype=x.dtype)
         x, x0 = ddpm_step(x, eps, a_t, a_prev, noise)
         if callback is not None:
             replaced = callback(i, t, x, x0)  # inpainting puts the known region back

@@ -19,8 +19,7 @@ Shapes: x, d, z (B, C, h, w); timesteps descending, fractional allowed; alphas_c
 """
 import math
 
-import torch
-
+from ldm.samplers.common import randn
 from ldm.samplers.euler import ancestral_sigmas
 from ldm.samplers.sigmas import apply_callback, enter_sigma_space, sigma_to_t
 
@@ -48,7 +47,8 @@ def sample_dpm2(eps_fn, x, timesteps, alphas_cumprod, *, callback=None):
 def sample_dpm2_ancestral(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, generator=None,
                           callback=None):
     """DPM2 ancestral ("DPM2 a"); as sample_dpm2, plus fresh noise z after every step but the
-    last, drawn as torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype).
+    last, drawn as common.randn(x.shape, generator, device=x.device, dtype=x.dtype) (one
+    generator, or a list of one per image).
     eta scales σ_up: 1 is k-diffusion's, 0 is plain DPM2."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
@@ -68,7 +68,6 @@ def sample_dpm2_ancestral(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, gene
         # k-diffusion adds no noise when η > 1 drives σ_down to 0 before σ_{i+1} = 0; the
         # ancestral step needs it whenever σ_up > 0.
         if sigma_up > 0:
-            x = x + sigma_up * torch.randn(x.shape, generator=generator, device=x.device,
-                                           dtype=x.dtype)
+            x = x + sigma_up * randn(x.shape, generator, device=x.device, dtype=x.dtype)
         x = apply_callback(callback, i, t, x, sigma_next, x0)
     return x

@@ -18,8 +18,7 @@ Shapes: x, D, z (B, C, h, w); timesteps descending, fractional allowed; alphas_c
 """
 import math
 
-import torch
-
+from ldm.samplers.common import randn
 from ldm.samplers.euler import ancestral_sigmas
 from ldm.samplers.sigmas import apply_callback, enter_sigma_space, sigma_to_t
 
@@ -30,8 +29,9 @@ def sample_dpmpp_2s_ancestral(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, 
     timestep to σ = 0; returns x0.
 
     2 len(timesteps) − 1 calls of eps_fn(x_t, t); callback(i, t, x, x0) as in sample_euler.
-    Fresh noise z after every step but the last, drawn as torch.randn(x.shape,
-    generator=generator, device=x.device, dtype=x.dtype); eta scales σ_up (0: no noise)."""
+    Fresh noise z after every step but the last, drawn as common.randn(x.shape, generator,
+    device=x.device, dtype=x.dtype) (one generator, or a list of one per image); eta scales
+    σ_up (0: no noise)."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     ts, sigmas, denoise, x = enter_sigma_space(eps_fn, x, timesteps, alphas_cumprod)
@@ -48,7 +48,6 @@ def sample_dpmpp_2s_ancestral(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, 
             x0_s = denoise(u, sigma_s, sigma_to_t(sigma_s, alphas_cumprod, clamp=True))
             x = (sigma_down / sigma) * x - math.expm1(-h) * x0_s
         if sigma_next > 0:
-            x = x + sigma_up * torch.randn(x.shape, generator=generator, device=x.device,
-                                           dtype=x.dtype)
+            x = x + sigma_up * randn(x.shape, generator, device=x.device, dtype=x.dtype)
         x = apply_callback(callback, i, t, x, sigma_next, x0)
     return x

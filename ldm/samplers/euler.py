@@ -14,8 +14,7 @@ for the same noise (tests/test_k_samplers.py checks both, and Euler against Eule
 
 Shapes: x, d, z (B, C, h, w); timesteps descending, fractional allowed; alphas_cumprod (T,).
 """
-import torch
-
+from ldm.samplers.common import randn
 from ldm.samplers.sigmas import apply_callback, enter_sigma_space
 
 
@@ -45,7 +44,8 @@ def ancestral_sigmas(sigma, sigma_next, eta=1.0):
 def sample_euler_ancestral(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, generator=None,
                            callback=None):
     """Euler ancestral ("Euler a"); as sample_euler, plus fresh noise z after every step but the
-    last, drawn as torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype).
+    last, drawn as common.randn(x.shape, generator, device=x.device, dtype=x.dtype) (one
+    generator, or a list of one per image).
     eta scales σ_up: 1 is k-diffusion's (and diffusers') Euler a, 0 is plain Euler."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
@@ -57,7 +57,6 @@ def sample_euler_ancestral(eps_fn, x, timesteps, alphas_cumprod, *, eta=1.0, gen
         d = (x - x0) / sigma  # dx/dσ
         x = x + (sigma_down - sigma) * d
         if sigma_up > 0:
-            x = x + sigma_up * torch.randn(x.shape, generator=generator, device=x.device,
-                                           dtype=x.dtype)
+            x = x + sigma_up * randn(x.shape, generator, device=x.device, dtype=x.dtype)
         x = apply_callback(callback, i, t, x, sigma_next, x0)
     return x

@@ -15,9 +15,7 @@ The steps are LCM's own (schedules.lcm): those it was distilled on, 999, 979, �
 
 Shapes: x, ε, z (B, C, h, w); timesteps descending ints; alphas_cumprod (T,) float64.
 """
-import torch
-
-from ldm.samplers.common import alpha_bar_list, check_timesteps, full_t, predict_x0
+from ldm.samplers.common import alpha_bar_list, check_timesteps, full_t, predict_x0, randn
 
 SIGMA_DATA = 0.5        # σ_d, the data's standard deviation in the consistency models' scalings
 TIMESTEP_SCALING = 10   # s: diffusers' timestep_scaling
@@ -36,7 +34,8 @@ def sample_lcm(eps_fn, x, timesteps, alphas_cumprod, *, generator=None, callback
 
     eps_fn(x_t, t) -> ε: x_t (B, C, h, w), t (B,) int64. timesteps: descending ints, usually
     schedules.lcm(n). After every step but the last, z is drawn as
-    torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype).
+    common.randn(x.shape, generator, device=x.device, dtype=x.dtype) (one generator, or a
+    list of one per image).
     callback(i, t, x, x0) after step i, with t the int step just taken, x the new latent (the
     final x0 after the last step) and x0 = f(x_t, t); a returned tensor replaces x.
     """
@@ -47,7 +46,7 @@ def sample_lcm(eps_fn, x, timesteps, alphas_cumprod, *, generator=None, callback
         x0 = c_skip * x + c_out * predict_x0(x, eps_fn(x, full_t(t, x)), a_t)
         if i + 1 < len(ts):
             a_next = alphas[i + 1]
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = randn(x.shape, generator, device=x.device, dtype=x.dtype)
             x = a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * z
         else:
             x = x0

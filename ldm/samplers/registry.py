@@ -40,8 +40,9 @@ class Sampler:
     """One sampler: what it is called, how it runs, what it may be given.
 
     sample(eps_fn, x, timesteps, alphas_cumprod, *, callback=None, **options) -> final latent;
-    options are `generator` when `noisy` (fresh noise at every step; DDIM's only with η > 0)
-    and `eta` when `takes_eta`.
+    options are `generator` when `noisy` (fresh noise at every step; DDIM's only with η > 0):
+    one torch.Generator for the batch, or a list of one per image (common.randn); and `eta`
+    when `takes_eta`.
     schedules: those it can step through, its default first. calls_per_step: network
     evaluations per step (Heun's and DPM2's last step take one, PLMS's first takes two).
     """
