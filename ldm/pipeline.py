@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm import samplers
+from ldm import arguments, samplers
 from ldm import schedule as noise_schedule
 from ldm.config import ModelConfig
 from ldm.cuda_graph import CUDAGraphed
-from ldm.images import mask_to_tensor, to_pil, to_tensor
+from ldm.images import image_shape, mask_to_tensor, to_pil, to_tensor
 from ldm.models.clip_text import CLIPTextModel
 from ldm.models.open_clip_text import OpenCLIPTextModel
 from ldm.models.unet import UNet
@@ -54,6 +54,9 @@ class StableDiffusion(nn.Module):
     `scale_factor` maps VAE latents to the U-Net's unit-variance latents; `alphas_cumprod`
     (float64, (1000,)) is the training noise schedule the samplers use. `cuda_graphs`: replay
     the U-Net from CUDA graphs while sampling on a GPU (see the module docstring).
+    `memory_limit`: the bytes a request may need (`arguments.estimate_memory`) before the tasks
+    refuse it with a ValueError; None (default) is what the device has available at each call,
+    math.inf never refuses.
     """
 
     def __init__(self, config=ModelConfig()):
@@ -71,6 +74,7 @@ class StableDiffusion(nn.Module):
             self.alphas_cumprod = noise_schedule.alphas_cumprod()
         self.cuda_graphs = False
         self._unet_graphs = CUDAGraphed(self.unet)
+        self.memory_limit = None
 
     def networks(self):
         """{"unet": …, "vae": …, "text_encoder": …}: the modules whose weights a checkpoint holds."""
@@ -97,9 +101,8 @@ class StableDiffusion(nn.Module):
         prompt / negative_prompt: a string or a list (one negative per prompt); the negative
         prompt takes the place of the empty prompt of classifier-free guidance.
         """
-        if not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        num_images = arguments.check_int("num_images", num_images, minimum=1)
+        prompts = arguments.check_prompts("prompt", prompt)
         negatives = _per_prompt(negative_prompt, len(prompts))
         cond = {"context": self.encode_text(prompts).repeat_interleave(num_images, dim=0)}
         uncond = {"context": self.encode_text(negatives).repeat_interleave(num_images, dim=0)}
@@ -138,7 +141,10 @@ class StableDiffusion(nn.Module):
         step. callback(i, t, x, x0) runs after every step and may return a replacement x;
         progress: a step counter on stderr (default: when stderr is a terminal).
         """
-        entry = sampler if isinstance(sampler, samplers.Sampler) else samplers.resolve(sampler)[0]
+        # The tasks have checked these already; denoise is also called on its own.
+        cfg_scale, eta = arguments.check_cfg_scale(cfg_scale), arguments.check_eta(eta)
+        arguments.check_hooks(callback, progress)
+        entry = _sampler_entry(sampler)
         model = self._network()
         if self.config.prediction == "v":
             model = samplers.eps_from_v(model, self.alphas_cumprod)
@@ -179,10 +185,18 @@ class StableDiffusion(nn.Module):
         fixes the noise (drawn on the CPU in float32, then moved, so a seed means the same
         start on any device); `latents` (B, 4, h, w) gives the starting noise explicitly.
         eta, callback, progress: see `denoise`.
+
+        Every argument is checked before any work (`ldm.arguments`): TypeError or ValueError
+        naming it. A NumPy scalar counts as the Python number; seed is any integer, taken
+        mod 2**64; latents may be a NumPy array. A request needing more memory than the device
+        has is refused (ValueError; see `memory_limit`).
         """
         self._require_plain_unet("txt2img")
+        seed, latents = arguments.check_seed(seed), arguments.check_latents(latents)
+        arguments.check_hooks(callback, progress)
         plan = self._plan(steps, sampler, schedule, cfg_scale, eta, output_type)
         h, w = self._latent_size(height, width)
+        self._check_memory(prompt, num_images, (h, w))
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images)
         generator = _generator(seed, generator)
         batch = len(cond["context"])
@@ -199,14 +213,15 @@ class StableDiffusion(nn.Module):
 
         strength in (0, 1]: the share of the `steps` schedule that is re-run; the image is
         noised to the first of those steps, then denoised to the end. The other arguments as
-        in txt2img.
+        in txt2img. Any PIL mode is read (16-bit and float grey on their own scale; alpha
+        composited on white): see `ldm.images`.
         """
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        strength, seed = arguments.check_strength(strength), arguments.check_seed(seed)
+        arguments.check_hooks(callback, progress)
         self._require_plain_unet("img2img")
         plan = self._plan(steps, sampler, schedule, cfg_scale, eta, output_type)
+        self._check_memory(prompt, num_images, self._latent_size(*image_shape(image)[1:]))
         pixels = to_tensor(image)
-        self._latent_size(*pixels.shape[-2:])
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images)
         generator = _generator(seed, generator)
         z0 = self.encode_image(_batch(pixels, len(cond["context"]), "image"), generator)
@@ -228,14 +243,19 @@ class StableDiffusion(nn.Module):
         With an inpainting checkpoint (9 input channels) the U-Net sees the mask and the
         masked image as its "concat" conditioning, as trained. With an ordinary one, the
         original latent blending is used: after every step the known region is replaced by the
-        source latents noised to that step. The other arguments as in txt2img.
+        source latents noised to that step. The other arguments as in txt2img; image and mask
+        in any PIL mode (a mask's alpha composited on black, "keep"): see `ldm.images`.
         """
+        seed = arguments.check_seed(seed)
+        arguments.check_hooks(callback, progress)
         plan = self._plan(steps, sampler, schedule, cfg_scale, eta, output_type)
+        image_size, mask_size = image_shape(image)[1:], image_shape(mask, name="mask")[1:]
+        if mask_size != image_size:
+            raise ValueError(f"mask size {tuple(mask_size)} differs from image size "
+                             f"{tuple(image_size)}")
+        size = self._latent_size(*image_size)
+        self._check_memory(prompt, num_images, size)
         pixels, repaint = to_tensor(image), mask_to_tensor(mask)
-        if repaint.shape[-2:] != pixels.shape[-2:]:
-            raise ValueError(f"mask size {tuple(repaint.shape[-2:])} differs from image size "
-                             f"{tuple(pixels.shape[-2:])}")
-        size = self._latent_size(*pixels.shape[-2:])
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images)
         generator = _generator(seed, generator)
         batch = len(cond["context"])
@@ -260,14 +280,19 @@ class StableDiffusion(nn.Module):
     def _plan(self, steps, sampler, schedule, cfg_scale, eta, output_type):
         """The sampling settings, the model's defaults filled in, checked before any work."""
         defaults = self.config.sampling
+        arguments.check_optional("schedule", schedule, str, f"one of {', '.join(samplers.SCHEDULES)}")
+        if isinstance(sampler, samplers.Sampler):
+            sampler = sampler.name
+        arguments.check_optional("sampler", sampler, str, "a sampler name or a samplers.Sampler")
         entry, schedule = samplers.resolve(defaults.sampler if sampler is None else sampler,
                                            schedule)
-        steps = defaults.steps if steps is None else steps
+        steps = arguments.check_int("steps", defaults.steps if steps is None else steps)
         _check_choice("output_type", output_type, OUTPUT_TYPES)
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        cfg_scale = arguments.check_cfg_scale(defaults.cfg_scale if cfg_scale is None
+                                              else cfg_scale)
+        eta = arguments.check_eta(eta)
         return _Plan(entry, samplers.timesteps(entry, schedule, steps, self.alphas_cumprod),
-                     defaults.cfg_scale if cfg_scale is None else cfg_scale, eta)
+                     cfg_scale, eta)
 
     def _output(self, latents, output_type):
         if output_type == "latent":
@@ -284,10 +309,25 @@ class StableDiffusion(nn.Module):
         factor = self.vae.config.downsampling_factor
         height = self.config.image_size if height is None else height
         width = self.config.image_size if width is None else width
+        height, width = arguments.check_int("height", height), arguments.check_int("width", width)
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % factor:
+            if value <= 0 or value % factor:
                 raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
         return height // factor, width // factor
+
+    def _check_memory(self, prompt, num_images, size):
+        """Refuse (ValueError), before anything is allocated, a request for len(prompt) ·
+        num_images images of latent `size` (h, w) needing more memory than `memory_limit`
+        (None: what the device has now); see `arguments.estimate_memory`."""
+        prompts = arguments.check_prompts("prompt", prompt)
+        num_images = arguments.check_int("num_images", num_images, minimum=1)
+        factor = self.vae.config.downsampling_factor
+        height, width = size[0] * factor, size[1] * factor
+        needed = arguments.estimate_memory(self.config, len(prompts) * num_images, height,
+                                           width, self.dtype)
+        request = (f"{len(prompts)} prompt(s) × num_images={num_images} at height={height}, "
+                   f"width={width}")
+        arguments.check_memory(request, needed, self.device, self.memory_limit)
 
     def _noise(self, shape, generator):
         """Standard normal noise, drawn on the CPU (same numbers on any device), then moved."""
@@ -357,8 +397,20 @@ def _check_choice(name, value, allowed):
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
+def _sampler_entry(sampler):
+    """The registry entry of a sampler name (str) or a `samplers.Sampler` itself."""
+    if isinstance(sampler, samplers.Sampler):
+        return sampler
+    if not isinstance(sampler, str):
+        raise TypeError(f"sampler must be a name (one of {', '.join(samplers.SAMPLERS)}, …) or "
+                        f"a samplers.Sampler, got {sampler!r} ({type(sampler).__name__})")
+    return samplers.resolve(sampler)[0]
+
+
 def _per_prompt(texts, count):
-    texts = [texts] * count if isinstance(texts, str) else list(texts)
+    """One negative prompt per prompt: a string serves them all, a list gives each its own."""
+    texts = [texts] * count if isinstance(texts, str) else arguments.check_prompts(
+        "negative_prompt", texts)
     if len(texts) != count:
         raise ValueError(f"negative_prompt has {len(texts)} entries for {count} prompts")
     return texts

@@ -168,7 +168,7 @@ def test_inpainting_model_sees_mask_and_masked_image():
     ({"sampler": "dpmpp_2m_karras", "steps": 1}, r"steps must be an integer >= 2"),
     ({"height": 31}, "height must be a positive multiple of 2"),
     ({"output_type": "jpeg"}, "output_type must be one of"),
-    ({"eta": -1.0}, "eta must be >= 0"),
+    ({"eta": -1.0}, r"eta must be in \[0, 1\]"),
     ({"num_images": 0}, "num_images must be a positive integer"),
 ])
 def test_bad_arguments_are_named(pipe, kwargs, message):
