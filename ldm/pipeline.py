@@ -111,7 +111,8 @@ class StableDiffusion(nn.Module):
     # ---------------------------------------------------------------- images in and out
     def encode_image(self, images, generator=None):
         """(B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) scaled latents, drawn from the posterior
-        as the original `get_first_stage_encoding` does. `generator` is a CPU generator."""
+        as the original `get_first_stage_encoding` does. `generator`: one CPU generator for the
+        batch, or a list of B, one per image (samplers.randn)."""
         posterior = self.vae.encode(images.to(self.device, self.dtype))
         noise = self._noise(posterior.mean.shape, generator)  # CPU-drawn, like all our noise
         return posterior.sample(noise=noise) * self.scale_factor
@@ -137,9 +138,11 @@ class StableDiffusion(nn.Module):
 
         x: (B, 4, h, w) noisy latents; cond, uncond: conditioning dicts (`encode_prompt`);
         timesteps: descending (`samplers.timesteps`); sampler: a name or a `samplers.Sampler`;
-        eta: DDIM's η. generator: a CPU generator for the samplers that draw noise at every
-        step. callback(i, t, x, x0) runs after every step and may return a replacement x;
-        progress: a step counter on stderr (default: when stderr is a terminal).
+        eta: DDIM's η. generator: for the samplers that draw noise at every step, one CPU
+        generator for the batch or a list of B, one per image (the tasks pass one per image);
+        on a GPU the noise is drawn there, from device generators seeded from these
+        (`_on_device`). callback(i, t, x, x0) runs after every step and may return a
+        replacement x; progress: a step counter on stderr (default: when stderr is a terminal).
         """
         # The tasks have checked these already; denoise is also called on its own.
         cfg_scale, eta = arguments.check_cfg_scale(cfg_scale), arguments.check_eta(eta)
@@ -181,9 +184,12 @@ class StableDiffusion(nn.Module):
         sampler: a name in `samplers.SAMPLERS` ("ddim", "euler_a", "dpmpp_2m", …; "…_karras"
         names the schedule too); schedule: one of `samplers.SCHEDULES` ("karras", …; default:
         the sampler's). steps, sampler and cfg_scale default to the model's `config.sampling`
-        (SD: 50, DDIM, 7.5), height/width to its native size. `seed` or a CPU `generator`
-        fixes the noise (drawn on the CPU in float32, then moved, so a seed means the same
-        start on any device); `latents` (B, 4, h, w) gives the starting noise explicitly.
+        (SD: 50, DDIM, 7.5), height/width to its native size. `seed` fixes the noise: image i
+        of the batch (prompt-major) is exactly the image of seed + i alone, its noise drawn
+        from a generator of its own (`_generators`: also what a CPU `generator`, or a list of
+        one per image, means). The starting noise is drawn on the CPU in float32, then moved,
+        so a seed means the same start on any device; `latents` (B, 4, h, w) gives it
+        explicitly.
         eta, callback, progress: see `denoise`.
 
         Every argument is checked before any work (`ldm.arguments`): TypeError or ValueError
@@ -198,10 +204,10 @@ class StableDiffusion(nn.Module):
         h, w = self._latent_size(height, width)
         self._check_memory(prompt, num_images, (h, w))
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images)
-        generator = _generator(seed, generator)
         batch = len(cond["context"])
-        x = self._initial_noise(latents, (batch, self.unet.config.out_channels, h, w), generator)
-        z = self.denoise(x, cond, uncond, plan.timesteps, **plan.options(generator, callback,
+        generators = _generators(seed, generator, batch)
+        x = self._initial_noise(latents, (batch, self.unet.config.out_channels, h, w), generators)
+        z = self.denoise(x, cond, uncond, plan.timesteps, **plan.options(generators, callback,
                                                                          progress))
         return self._output(z, output_type)
 
@@ -223,14 +229,15 @@ class StableDiffusion(nn.Module):
         self._check_memory(prompt, num_images, self._latent_size(*image_shape(image)[1:]))
         pixels = to_tensor(image)
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images)
-        generator = _generator(seed, generator)
-        z0 = self.encode_image(_batch(pixels, len(cond["context"]), "image"), generator)
+        batch = len(cond["context"])
+        generators = _generators(seed, generator, batch)
+        z0 = self.encode_image(_batch(pixels, batch, "image"), generators)
         # The original script runs int(strength * steps) steps; at least one, or nothing happens.
         steps = len(plan.timesteps)
         timesteps = plan.timesteps[steps - max(1, int(strength * steps)):]
-        x = samplers.add_noise(z0, self._noise(z0.shape, generator), timesteps[0],
+        x = samplers.add_noise(z0, self._noise(z0.shape, generators), timesteps[0],
                                self.alphas_cumprod)
-        z = self.denoise(x, cond, uncond, timesteps, **plan.options(generator, callback,
+        z = self.denoise(x, cond, uncond, timesteps, **plan.options(generators, callback,
                                                                     progress))
         return self._output(z, output_type)
 
@@ -257,21 +264,21 @@ class StableDiffusion(nn.Module):
         self._check_memory(prompt, num_images, size)
         pixels, repaint = to_tensor(image), mask_to_tensor(mask)
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images)
-        generator = _generator(seed, generator)
         batch = len(cond["context"])
+        generators = _generators(seed, generator, batch)
         pixels, repaint = _batch(pixels, batch, "image"), _batch(repaint, batch, "mask")
         latent_mask = F.interpolate(repaint, size=size, mode="nearest").to(self.device, self.dtype)
-        x = self._noise((batch, self.unet.config.out_channels, *size), generator)
-        options = plan.options(generator, callback, progress)
+        x = self._noise((batch, self.unet.config.out_channels, *size), generators)
+        options = plan.options(generators, callback, progress)
         if self.unet.config.in_channels == 9:
             # The original `LatentInpaintDiffusion` order: [mask (1), masked-image latents (4)],
             # stacked after the 4 noisy latent channels; the same for both guidance halves.
-            masked = self.encode_image(pixels * (1 - repaint), generator)
+            masked = self.encode_image(pixels * (1 - repaint), generators)
             concat = torch.cat([latent_mask, masked], dim=1)  # (B, 5, h, w)
             cond, uncond = {**cond, "concat": concat}, {**uncond, "concat": concat}
         else:
-            z0 = self.encode_image(pixels, generator)
-            blend = self._latent_blending(z0, latent_mask, plan.timesteps, generator)
+            z0 = self.encode_image(pixels, generators)
+            blend = self._latent_blending(z0, latent_mask, plan.timesteps, generators)
             options["callback"] = _chain(blend, options["callback"])
         z = self.denoise(x, cond, uncond, plan.timesteps, **options)
         return self._output(z, output_type)
@@ -330,8 +337,10 @@ class StableDiffusion(nn.Module):
         arguments.check_memory(request, needed, self.device, self.memory_limit)
 
     def _noise(self, shape, generator):
-        """Standard normal noise, drawn on the CPU (same numbers on any device), then moved."""
-        return torch.randn(shape, generator=generator).to(self.device, self.dtype)
+        """Standard normal noise of `shape` (B, …), drawn on the CPU in float32 (the same numbers
+        on any device), then moved: from one CPU generator, or image i's from generator i of a
+        list (samplers.randn)."""
+        return samplers.randn(shape, generator).to(self.device, self.dtype)
 
     def _initial_noise(self, latents, shape, generator):
         if latents is None:
@@ -368,28 +377,47 @@ class _Plan:
                     generator=generator, callback=callback, progress=progress)
 
 
-def _generator(seed, generator):
-    """Noise is drawn on the CPU from this generator, so a seed gives the same image anywhere."""
+def _generators(seed, generator, batch):
+    """`batch` CPU generators, image i's seeded s + i, so that image i of a batch is exactly
+    the image of seed s + i alone (AUTOMATIC1111's rule): every noise an image gets (starting
+    noise, posterior sample, img2img's and inpainting's noising, each step's noise) is drawn
+    from its own generator, whatever else is in the batch.
+
+    s is `seed`. A CPU `generator` (which wins over a seed) stands for the s drawn from it:
+    one generator state gives one batch, and a generator used again gives new images. With
+    neither, s is random. A list of `batch` CPU generators is used as given, one per image.
+    Seeds are taken modulo 2**64, as torch.Generator.manual_seed takes negative ones.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"generator is a list of {len(generator)} for {batch} images; "
+                             "give one generator, or one per image")
+        return [_cpu(g) for g in generator]
     if generator is not None:
-        if generator.device.type != "cpu":
-            raise ValueError("generator must be a CPU torch.Generator: ldm draws noise on the "
-                             "CPU so that a seed gives the same image on any device")
-        return generator
-    fresh = torch.Generator()
-    if seed is None:
-        fresh.seed()  # a non-deterministic seed, without touching torch's global generator
-    else:
-        fresh.manual_seed(int(seed))
-    return fresh
+        seed = int(torch.randint(2**63 - 1, (), generator=_cpu(generator)))
+    elif seed is None:
+        seed = torch.Generator().seed()  # random, without touching torch's global generator
+    return [torch.Generator().manual_seed((int(seed) + i) % 2**64) for i in range(batch)]
 
 
-def _on_device(generator, device):
-    """The samplers draw their per-step noise on the latents' device: a generator there, seeded
-    from the CPU one (itself on the CPU)."""
-    if device.type == "cpu" or generator is None:
-        return generator
-    seed = int(torch.randint(2**62, (), generator=generator))
-    return torch.Generator(device).manual_seed(seed)
+def _cpu(generator):
+    """Noise is drawn on the CPU, so that a seed gives the same image on any device."""
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise ValueError("generator must be a CPU torch.Generator (or a list of them, one per "
+                         "image): ldm draws noise on the CPU so that a seed gives the same "
+                         f"image on any device; got {generator!r}")
+    return generator
+
+
+def _on_device(generators, device):
+    """The samplers draw their per-step noise on the latents' device: on a GPU, one generator
+    there per CPU generator, seeded from it (the draw of a seed itself on the CPU)."""
+    if device.type == "cpu" or generators is None:
+        return generators
+    if isinstance(generators, torch.Generator):
+        return _on_device([generators], device)[0]
+    return [torch.Generator(device).manual_seed(int(torch.randint(2**62, (), generator=g)))
+            for g in generators]
 
 
 def _check_choice(name, value, allowed):
