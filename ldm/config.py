@@ -7,12 +7,15 @@ this file only combines them into the named presets. Variants are made with
 """
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 
 from ldm.models.clip_text import CLIP_TINY, CLIPTextConfig
 from ldm.models.open_clip_text import OpenCLIPTextConfig
 from ldm.models.unet import UNET_SD15_INPAINTING, UNET_SD21, UNET_TINY, UNetConfig
 from ldm.models.vae import VAE_TINY, VAEConfig
+from ldm.samplers import resolve
 
 # SD 1.x/2.x latents are scaled by this constant so that they have roughly unit variance
 # (CompVis `scale_factor`); it belongs to the pipeline, not to the VAE.
@@ -64,20 +67,209 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text):
-        """Inverse of `to_json`; lists become tuples again so configs stay hashable."""
-        raw = json.loads(text)
+        """Inverse of `to_json`, for text read from a file: every field present, none unknown,
+        each of its type, and the whole buildable (`check`); lists become tuples again so
+        configs stay hashable. Raises ConfigError naming the field."""
+        if not isinstance(text, str):
+            raise ConfigError("", f"is a {type(text).__name__}, not JSON text")
+        try:
+            raw = json.loads(text)
+        except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the stack
+            raise ConfigError("", f"is not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError("", f"must be a JSON object, got {_shown(raw)}")
+        raw = {**ADDED_FIELDS, **raw}
+        encoder = raw["text_encoder"]
+        if not isinstance(encoder, str) or encoder not in TEXT_CONFIGS:
+            raise ConfigError("text_encoder", f"must be one of {list(TEXT_CONFIGS)}, got "
+                                              f"{_shown(encoder)}")
         parts = {"unet": UNetConfig, "vae": VAEConfig, "sampling": SamplingDefaults,
-                 "text": TEXT_CONFIGS[raw.get("text_encoder", "clip")]}
-        kwargs = {k: _build(parts[k], v) if k in parts else v for k, v in raw.items()}
-        return cls(**kwargs)
+                 "text": TEXT_CONFIGS[encoder]}
+        values = _typed(cls, raw, "", parts)
+        check(_unchecked(cls, {k: _unchecked(parts[k], v) if k in parts else v
+                               for k, v in values.items()}))
+        return _build(cls, {k: _build(parts[k], v, k) if k in parts else v
+                            for k, v in values.items()}, "")
 
 
-def _build(config_cls, values):
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = set(values) - names
-    if unknown:
-        raise ValueError(f"unknown {config_cls.__name__} fields {sorted(unknown)}")
-    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+# Fields that files written before they existed lack (weights/tiny-shapes.safetensors among
+# them), with what those files meant; every other field must be in the file.
+ADDED_FIELDS = {"text_encoder": "clip", "prediction": "eps"}
+
+
+class ConfigError(ValueError):
+    """A config that describes no buildable model; `field` is its dotted name
+    ("unet.norm_groups"), "" for the whole."""
+
+    def __init__(self, field, problem):
+        self.field = field
+        super().__init__(f"{field}: {problem}" if field else problem)
+
+
+def _typed(config_cls, values, prefix, parts=()):
+    """`values` (a JSON object) checked against `config_cls`'s fields: all there, no others, each
+    of its annotated type (`parts`: the nested configs, checked in turn). Returns the values
+    with lists as tuples."""
+    if not isinstance(values, dict):
+        raise ConfigError(prefix, f"must be a JSON object, got {_shown(values)}")
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    for name in values:
+        if name not in names:
+            raise ConfigError(_join(prefix, name), f"is not a field of {config_cls.__name__} "
+                                                   f"(its fields: {', '.join(names)})")
+    for name in names:
+        if name not in values:
+            raise ConfigError(_join(prefix, name), "is missing")
+    hints = typing.get_type_hints(config_cls)
+    return {name: _typed(parts[name], values[name], name) if name in parts
+            else _value(_join(prefix, name), values[name], hints[name]) for name in names}
+
+
+def _value(field_name, value, hint):
+    """`value` if it is of type `hint` (int, float, str, bool, a tuple of ints, `int | None`)."""
+    kinds = typing.get_args(hint) or (hint,)  # `int | None` -> (int, NoneType)
+    is_int = type(value) is int  # bool is an int subclass, and never a size
+    for kind in kinds:
+        if ((kind is int and is_int) or (kind is str and type(value) is str)
+                or (kind is bool and type(value) is bool) or (kind is type(None) and value is None)
+                # JSON has NaN and Infinity; no config field means either
+                or (kind is float and _finite_number(value))):
+            return value
+        if kind is tuple and type(value) is list and all(type(v) is int for v in value):
+            return tuple(value)
+    wanted = " or ".join("a list of integers" if k is tuple else "null" if k is type(None)
+                         else k.__name__ for k in kinds)
+    raise ConfigError(field_name, f"must be {wanted}, got {_shown(value)}")
+
+
+def _finite_number(value):
+    if type(value) is int:  # may be too large for a float
+        return abs(value) < 2 ** 1023
+    return type(value) is float and math.isfinite(value)
+
+
+def _unchecked(config_cls, values):
+    """A `config_cls` whose __post_init__ has not run, for `check` to name the field at fault
+    before the dataclass's own checks fail less precisely (or divide by zero)."""
+    config = object.__new__(config_cls)
+    for name, value in values.items():
+        object.__setattr__(config, name, value)  # frozen dataclasses refuse plain setattr
+    return config
+
+
+def _build(config_cls, values, prefix):
+    try:
+        return config_cls(**values)
+    except ValueError as e:  # the dataclasses' own checks (heads dividing the width, …)
+        raise ConfigError(prefix, str(e)) from None
+
+
+# Far above any SD-family model; they keep a hostile config from making the model's build (on
+# the meta device: no memory for weights, but Python objects per layer) or its default image
+# absurdly large.
+MAX_DEPTH = 1024   # blocks per level, transformer layers, text layers
+MAX_LEVELS = 8     # U-Net and VAE resolution levels
+MAX_IMAGE_SIZE = 16384
+
+
+def check(config):
+    """Raise ConfigError (naming the field) unless `config` builds a model that can generate:
+    sizes positive, channel counts divisible by their norm groups and heads, the image size a
+    multiple of the latent grid, a known default sampler."""
+    _check_unet(config.unet)
+    _check_vae(config.vae)
+    _check_text(config.text)
+    if config.prediction not in ("eps", "v"):
+        raise ConfigError("prediction", f"must be 'eps' or 'v', got {config.prediction!r}")
+    _positive("scale_factor", config.scale_factor)
+    multiple = config.vae.downsampling_factor * config.unet.size_multiple
+    _positive("image_size", config.image_size, MAX_IMAGE_SIZE)
+    if config.image_size % multiple:
+        raise ConfigError("image_size", f"must be a multiple of {multiple} (VAE downsampling "
+                                        f"times U-Net levels), got {config.image_size}")
+    _check_sampling(config.sampling)
+
+
+def _check_unet(c):
+    for name in ("in_channels", "out_channels", "model_channels", "context_dim", "norm_groups"):
+        _positive(f"unet.{name}", getattr(c, name))
+    for name in ("num_res_blocks", "transformer_depth"):
+        _positive(f"unet.{name}", getattr(c, name), MAX_DEPTH)
+    _levels("unet.channel_mult", c.channel_mult)
+    if (c.num_heads is None) == (c.head_dim is None):
+        raise ConfigError("unet.head_dim", "set exactly one of unet.num_heads and unet.head_dim, "
+                                           f"got {c.num_heads} and {c.head_dim}")
+    for name in ("num_heads", "head_dim"):
+        if getattr(c, name) is not None:
+            _positive(f"unet.{name}", getattr(c, name))
+    if not 0 <= c.dropout < 1:
+        raise ConfigError("unet.dropout", f"must be in [0, 1), got {c.dropout}")
+    for level in c.attention_levels:
+        if not 0 <= level < c.num_levels:
+            raise ConfigError("unet.attention_levels", f"level {level} is not one of the "
+                                                       f"{c.num_levels} levels")
+    for level in range(c.num_levels):
+        where = f"level {level}"
+        _divides("unet.norm_groups", c.norm_groups, c.level_channels(level), where)
+        if level in c.attention_levels:
+            heads = "unet.num_heads" if c.num_heads is not None else "unet.head_dim"
+            _divides(heads, c.num_heads or c.head_dim, c.level_channels(level), where)
+
+
+def _check_vae(c):
+    for name in ("ch", "z_channels", "in_channels", "out_channels", "norm_groups"):
+        _positive(f"vae.{name}", getattr(c, name))
+    _positive("vae.num_res_blocks", c.num_res_blocks, MAX_DEPTH)
+    _levels("vae.ch_mult", c.ch_mult)
+    _positive("vae.norm_eps", c.norm_eps)
+    for level, channels in enumerate(c.level_channels):
+        _divides("vae.norm_groups", c.norm_groups, channels, f"level {level}")
+
+
+def _check_text(c):
+    for name in ("vocab_size", "max_positions", "width", "heads", "mlp_ratio"):
+        _positive(f"text.{name}", getattr(c, name))
+    _positive("text.layers", c.layers, MAX_DEPTH)
+    _positive("text.eps", c.eps)
+    _divides("text.heads", c.heads, c.width, "text.width")
+    skip_last = getattr(c, "skip_last", 0)  # OpenCLIP's only
+    if not 0 <= skip_last < c.layers:
+        raise ConfigError("text.skip_last", f"must be in [0, {c.layers}), got {skip_last}")
+
+
+def _check_sampling(s):
+    try:
+        sampler, _ = resolve(s.sampler)
+    except ValueError as e:
+        raise ConfigError("sampling.sampler", str(e)) from None
+    _positive("sampling.steps", s.steps, sampler.max_steps)
+
+
+def _positive(name, value, limit=None):
+    if value <= 0 or (limit is not None and value > limit):
+        bound = f"in [1, {limit}]" if limit is not None else "positive"
+        raise ConfigError(name, f"must be {bound}, got {value}")
+
+
+def _levels(name, multipliers):
+    if not 1 <= len(multipliers) <= MAX_LEVELS or min(multipliers) <= 0:
+        raise ConfigError(name, f"must be 1 to {MAX_LEVELS} positive multipliers, got "
+                                f"{list(multipliers)}")
+
+
+def _divides(name, divisor, channels, where):
+    if channels % divisor:
+        raise ConfigError(name, f"{divisor} does not divide the {channels} channels of {where}")
+
+
+def _join(prefix, name):
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _shown(value, limit=40):
+    """A JSON value as it appears in the file, cut short (it may be huge)."""
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 # The shipped model (weights/tiny-shapes.safetensors): the SD architecture at toy size, a KL-f4
