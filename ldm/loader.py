@@ -11,31 +11,44 @@ import torch
 
 from ldm import checkpoint
 from ldm.checkpoint import CheckpointError
-from ldm.config import PRESETS, ModelConfig
+from ldm.config import PRESETS, ConfigError, ModelConfig
 from ldm.pipeline import StableDiffusion
 
 # The small model the project trains and ships (issue: embedded default model).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "tiny-shapes.safetensors"
 
+# The dtypes a model generates in, and the names they may be given by.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
 
 def load(path=None, *, device="cpu", dtype=torch.float32, use_ema=True, strict=False,
-         config=None):
+         config=None, mmap=False):
     """Load an original-layout checkpoint (.safetensors or .ckpt) into a `StableDiffusion`.
 
     path: the file; or a dict {original name: tensor} already in memory (its tensors are used as
     they are where dtype and device already match); None loads the small model shipped in weights/.
+    device: where the weights go ("cpu", "cuda", "cuda:1", a torch.device; not "meta").
+    dtype: torch.float32 / float16 / bfloat16, or one of the names in DTYPES ("fp16", …).
     use_ema: when the file holds EMA copies of the U-Net (`model_ema.*`), load those.
     strict: refuse files with unexpected tensors instead of warning.
     config: a preset name or ModelConfig to use instead of the one detected from the file: SD
     2.x files do not say whether they predict v (768-v, preset "sd21") or ε (512 "base",
     "sd21-base"); detection goes by the file name ("512" or "base" in it: ε), else v (a dict
     has no name: v).
-    Raises CheckpointError (naming the file and each missing/misshapen tensor) on bad files.
+    mmap: let the weights (those kept in the file's dtype, on the CPU) be views of the mapped
+    file rather than copies: less time and memory, but the file must not change while the model
+    is loaded (truncating or rewriting it in place kills the process with SIGBUS). The default
+    copies, so the file may be replaced or deleted at any time.
+    Raises CheckpointError naming the file and the tensor or config field on bad files
+    (missing, misshapen, non-float or non-finite tensors, a malformed embedded config, a zip
+    with absurd sizes), FileNotFoundError / IsADirectoryError for paths that are no file, and
+    ValueError naming the argument for a bad device or dtype.
     """
-    ckpt = _open(path)
+    device, dtype = _device(device), _dtype(dtype)
+    ckpt = _open(path, mmap)
     config = detect_config(ckpt) if config is None else _preset(config)
-    with torch.device("meta"):
-        pipe = StableDiffusion(config)
+    pipe = _build(ckpt, config)
     networks = pipe.networks()
     rows = checkpoint.name_map(networks, use_ema=use_ema and _has_ema(ckpt),
                                text_prefix=_text_prefix(ckpt, config))
@@ -62,7 +75,11 @@ def save(pipe, path, *, overwrite=False):
 def detect_config(ckpt):
     """The ModelConfig of an opened checkpoint: stored by ldm, else told apart by tensor shapes."""
     if ckpt.config_json is not None:
-        return ModelConfig.from_json(ckpt.config_json)
+        try:
+            return ModelConfig.from_json(ckpt.config_json)
+        except ConfigError as e:
+            raise CheckpointError(ckpt.path, f"its embedded config ({checkpoint.CONFIG_KEY}) is "
+                                             f"invalid: {e}") from None
     unet = checkpoint.PREFIXES["unet"]
     first_conv = ckpt.shapes.get(unet + "input_blocks.0.0.weight")
     if first_conv is None:
@@ -84,13 +101,50 @@ def detect_config(ckpt):
     return PRESETS[family]
 
 
-def _open(path):
+def _open(path, mmap):
     if isinstance(path, Mapping):
         return checkpoint.open_state_dict(path)
     path = DEFAULT_CHECKPOINT if path is None else Path(path)
     if path == DEFAULT_CHECKPOINT and not path.exists():
         raise FileNotFoundError(f"no checkpoint named, and the default model {path} is not there")
-    return checkpoint.open_checkpoint(path)
+    return checkpoint.open_checkpoint(path, mmap=mmap)
+
+
+def _build(ckpt, config):
+    """The model of `config` on the meta device (no memory, no init time)."""
+    try:
+        with torch.device("meta"):
+            return StableDiffusion(config)
+    except Exception as e:  # a config read from a file is hostile input; any failure is the file's
+        if ckpt.config_json is None:
+            raise
+        raise CheckpointError(ckpt.path, f"its embedded config ({checkpoint.CONFIG_KEY}) "
+                                         f"builds no model: {e!r}") from e
+
+
+def _dtype(dtype):
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16 (or one of "
+                     f"{list(DTYPES)}), got {dtype!r}")
+
+
+def _device(device):
+    """`device` as a torch.device, once a tensor is known to fit there."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got "
+                         f"{device!r} ({e})") from None
+    if device.type == "meta":  # holds shapes only: nothing to generate with
+        raise ValueError("device 'meta' holds no weights; load on 'cpu' or an accelerator")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:  # torch's CUDA stub asserts when none is built
+        raise ValueError(f"device {str(device)!r} cannot hold the weights here: {e}") from None
+    return device
 
 
 def _preset(config):
