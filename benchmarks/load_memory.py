@@ -1,6 +1,6 @@
 """Peak memory and time of `ldm.load` on a full-size SD 1.5 checkpoint (random weights).
 
-    python benchmarks/load_memory.py [--ckpt FILE]
+    python benchmarks/load_memory.py [--ckpt FILE] [--mmap]
 
 Without --ckpt, writes a random checkpoint with the exact tensor set of v1-5-pruned-emaonly
 (from tests/data/manifests) to a temporary folder first. Each load runs in a fresh process, and
@@ -35,7 +35,7 @@ def sample():
         time.sleep(0.005)
 threading.Thread(target=sample, daemon=True).start()
 start = time.perf_counter()
-pipe = ldm.load(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+pipe = ldm.load(sys.argv[1], dtype=getattr(torch, sys.argv[2]), mmap=sys.argv[3] == "mmap")
 seconds = time.perf_counter() - start
 done.set()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -54,8 +54,9 @@ def write_random_checkpoint(path):
     save_file(tensors, str(path))
 
 
-def measure(path, dtype):
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(path), dtype],
+def measure(path, dtype, mmap):
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(path), dtype,
+                          "mmap" if mmap else "copy"],
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -63,6 +64,7 @@ def measure(path, dtype):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", type=Path)
+    parser.add_argument("--mmap", action="store_true", help="ldm.load(..., mmap=True)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         path = args.ckpt
@@ -76,7 +78,7 @@ def main():
         print(f"{'dtype':<9} {'load s':>7} {'weights GiB':>12} {'peak anon GiB':>14} "
               f"{'peak RSS GiB':>13}")
         for dtype in ("float32", "float16"):
-            r = measure(path, dtype)
+            r = measure(path, dtype, args.mmap)
             print(f"{dtype:<9} {r['seconds']:>7.1f} {r['weights'] / 2**30:>12.2f} "
                   f"{r['peak_anon'] / 2**30:>14.2f} {r['peak_rss'] / 2**30:>13.2f}")
         print("peak anon: memory the load allocated (the weights it copied or cast); peak RSS "
