@@ -284,6 +284,24 @@ def test_python_m_ldm_prints_one_line_and_the_exit_code(tmp_path):
 
 
 # ---------------------------------------------------------------- every image its own file
+def test_concurrent_runs_into_one_name_keep_every_image(ckpt, tmp_path):
+    """Two processes writing two images each to the same --out at the same time: four files,
+    none replaced, each with the seed its PNG records, and no temporary file left."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runs = [subprocess.Popen([sys.executable, "-m", "ldm", *txt2img(ckpt, tmp_path / "m.png"),
+                              "--num-images", "2", "--seed", str(seed)], env=env, cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seed in (10, 20)]
+    written = []
+    for process in runs:
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+        written += stdout.split()
+    assert sorted(Path(p).name for p in written) == ["m-1.png", "m-2.png", "m-3.png", "m.png"]
+    assert listing(tmp_path) == ["m-1.png", "m-2.png", "m-3.png", "m.png"]
+    assert sorted(Image.open(p).text["seed"] for p in written) == ["10", "11", "20", "21"]
+
+
 def test_each_image_of_a_run_gets_its_own_file_and_seed(ckpt, tmp_path, capsys):
     out = tmp_path / "m.png"
     names = [out, tmp_path / "m-1.png", tmp_path / "m-2.png"]
