@@ -27,7 +27,6 @@ raises instead of reporting.
 """
 import argparse
 import hashlib
-import math
 import os
 import re
 import socket
@@ -38,6 +37,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ldm import arguments
 from ldm import schedule as noise_schedule
 from ldm.checkpoint import CheckpointError
 from ldm.config import PRESETS
@@ -223,13 +223,16 @@ def _check_values(args):
         raise UsageError(f"argument --seed: must be in [0, 2**64 - {args.num_images}] (image i "
                          f"takes seed + i, below 2**64; leave --seed out for a random one), "
                          f"got {args.seed}")
-    strength = getattr(args, "strength", 1.0)
-    if not 0 < strength <= 1:
-        raise UsageError(f"argument --strength: must be in (0, 1], got {strength}")
-    if not (math.isfinite(args.eta) and args.eta >= 0):
-        raise UsageError(f"argument --eta: must be a finite number >= 0, got {args.eta}")
-    if args.cfg_scale is not None and not math.isfinite(args.cfg_scale):
-        raise UsageError(f"argument --cfg-scale: must be a finite number, got {args.cfg_scale}")
+    # The library's own rules (ldm.arguments), checked here before the load rather than after
+    floats = [("--eta", arguments.check_eta, args.eta),
+              ("--strength", arguments.check_strength, getattr(args, "strength", None)),
+              ("--cfg-scale", arguments.check_cfg_scale, args.cfg_scale)]
+    for flag, check_value, value in floats:
+        if value is not None:
+            try:
+                check_value(value)
+            except ValueError as e:
+                raise UsageError(f"argument {flag}: {e}") from e
 
 
 def _check_sampling(args):
@@ -281,10 +284,12 @@ def _check_readable(argument, path):
 
 
 def _open_image(argument, path):
+    """The decoded image in its own mode: ldm.images reads every mode on its own scale (a
+    convert("RGB") here would clip 16-bit grey to white)."""
     _check_readable(argument, path)
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return image.copy()  # decodes now, so a broken file is found before the load
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise OSError(f"argument {argument}: cannot read image {path}: {e}") from e
 

@@ -77,8 +77,11 @@ def listing(directory):
     (["--num-images", "-3"], "argument --num-images: must be at least 1, got -3"),
     (["--height", "30"], "argument --height: must be a positive multiple of 8, got 30"),
     (["--width", "0"], "argument --width: must be a positive multiple of 8, got 0"),
-    (["--cfg-scale", "nan"], "argument --cfg-scale: must be a finite number, got nan"),
-    (["--eta", "-1"], "argument --eta: must be a finite number >= 0, got -1.0"),
+    # the library's own rules (ldm.arguments), checked before the load
+    (["--cfg-scale", "nan"], "argument --cfg-scale: cfg_scale must be in [-100, 100]"),
+    (["--cfg-scale", "750"], "argument --cfg-scale: cfg_scale must be in [-100, 100]"),
+    (["--eta", "-1"], "argument --eta: eta must be in [0, 1]"),
+    (["--eta", "1.5"], "argument --eta: eta must be in [0, 1]"),
     (["--device", "bogus"], "argument --device: Expected one of"),
     (["--steps", "x"], "argument --steps: invalid int value: 'x'"),  # argparse's own, one line
 ])
@@ -118,8 +121,24 @@ def test_img2img_strength_out_of_range(ckpt, tmp_path, capsys, no_load):
     for strength in ("0", "1.5", "nan"):
         code, err = run(capsys, ["img2img", "x", "--image", str(tmp_path / "in.png"),
                                  "--strength", strength, "--ckpt", str(ckpt)])
-        assert code == 2 and err == [f"python -m ldm img2img: error: argument --strength: "
-                                     f"must be in (0, 1], got {float(strength)}"]
+        assert code == 2 and len(err) == 1 and err[0].startswith(
+            "python -m ldm img2img: error: argument --strength: strength must be in (0, 1]")
+        assert err[0].endswith(f"got {float(strength)}")
+
+
+def test_a_16_bit_image_reaches_the_pipeline_in_its_own_mode(ckpt, tmp_path, monkeypatch):
+    """The CLI hands the decoded image to ldm.images unconverted: a 16-bit grey PNG at mid grey
+    must not arrive clipped to white, as PIL's convert("RGB") would make it."""
+    import numpy as np
+    grey = Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16))
+    grey.save(tmp_path / "in.png")
+    seen = []
+    monkeypatch.setattr(ldm.StableDiffusion, "img2img",
+                        lambda self, image, prompt, **kw: seen.append(image) or [image.convert("RGB")])
+    assert cli.run(["img2img", "x", "--image", str(tmp_path / "in.png"), "--ckpt", str(ckpt),
+                    "--out", str(tmp_path / "m.png"), "--no-progress"]) == 0
+    pixels = ldm.images.to_tensor(seen[0])
+    assert seen[0].mode.startswith("I") and abs(pixels.mean().item()) < 0.01  # mid grey, not 1
 
 
 def test_missing_files_exit_2_before_loading(ckpt, tmp_path, capsys, no_load):
