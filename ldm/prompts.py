@@ -48,6 +48,7 @@ Axis letters: B prompts, n chunks, T tokens per chunk (77), D width.
 """
 import math
 import re
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -445,12 +446,16 @@ def _check_embeddings(placements, embeddings, token_embedding):
 
 @contextmanager
 def _written_over(token_embedding, placements, embeddings):
-    """While active, the embeddings' vectors replace the token embeddings at their placements."""
+    """While active, the embeddings' vectors replace the token embeddings at their placements,
+    in this thread only: another thread may be running the same text encoder."""
     if not placements:
         yield
         return
+    owner = threading.get_ident()
 
     def hook(module, args, out):  # out: (B, T, D)
+        if threading.get_ident() != owner:
+            return None  # leaves the output as it is
         out = out.clone()
         for p in placements:
             out[p.prompt, p.start : p.start + p.length] = embeddings[p.trigger].to(out)
