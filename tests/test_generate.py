@@ -1,0 +1,284 @@
+"""Generation at scale (ldm/generate.py): a prompts file -> a folder of PNGs and manifests.
+
+What must hold: every image's seed follows the documented rule; the set of files and their
+bytes do not depend on how many processes shared the work or on an interruption; a restart
+makes only what is missing; each line's settings reach txt2img; a bad line fails naming the
+file, the line and the key, before any model loads.
+
+On the shipped model (64×64) with few steps, one CPU thread (the machine is shared: two
+threads only wait for each other) so that every run computes with the same kernels.
+"""
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ldm
+from ldm import generate as gen
+
+PROMPTS = ["a red circle", "a blue square in the top left", "a green triangle",
+           "a yellow circle on a black background", "a white square"]
+FAST = dict(steps=3, sampler="euler_a")  # a noisy sampler: its per-step noise is seeded too
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield ldm.load()
+    torch.set_num_threads(threads)
+
+
+def files(folder):
+    """{name: bytes} of the PNGs in `folder`."""
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).glob("*.png"))}
+
+
+def manifest(folder):
+    return [json.loads(line) for line in (Path(folder) / "manifest.jsonl").read_text().splitlines()]
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_line_keys_are_txt2img_keywords():
+    parameters = inspect.signature(ldm.StableDiffusion.txt2img).parameters
+    for key in gen.LINE_KEYS:
+        assert parameters[key].kind == inspect.Parameter.KEYWORD_ONLY
+
+
+def test_shards_make_the_single_process_set_byte_for_byte(pipe, tmp_path):
+    """Ranks of 2 and of 3 (in-process, as torchrun would start them), each writing its own
+    manifest, make exactly the files one process makes, with the same bytes."""
+    options = dict(num_images=2, seed=100, batch_size=3, **FAST)
+    single = gen.generate(pipe, PROMPTS, tmp_path / "one", **options)
+    assert (single.made, single.skipped, single.complete) == (10, 0, True)
+    expected = files(tmp_path / "one")
+    assert sorted(expected) == [f"{k:06d}-{i:03d}.png" for k in range(5) for i in range(2)]
+    for world in (2, 3):
+        out = tmp_path / f"world{world}"
+        summaries = [gen.generate(pipe, PROMPTS, out, rank=r, world_size=world, **options)
+                     for r in range(world)]
+        assert sum(s.made for s in summaries) == 10
+        assert [s.complete for s in summaries] == [False] * (world - 1) + [True]  # the last one
+        assert files(out) == expected
+        assert manifest(out) == manifest(tmp_path / "one")
+        rank_files = [{row["file"] for row in map(json.loads, (out / f"manifest-rank{r}.jsonl")
+                                                                .read_text().splitlines())}
+                      for r in range(world)]
+        assert sum(map(len, rank_files)) == 10 and set().union(*rank_files) == set(expected)
+        merged = gen.read_manifest(out)  # the rank files read together: the same records
+        assert [{k: v for k, v in row.items() if k not in gen.RUN_KEYS} for row in merged] == \
+            manifest(out)
+        assert sorted({row["rank"] for row in merged}) == list(range(world))
+    # The seed rule: base + k·N + i.
+    assert [(r["prompt_index"], r["image"], r["seed"]) for r in manifest(tmp_path / "one")] == [
+        (k, i, 100 + 2 * k + i) for k in range(5) for i in range(2)]
+
+
+def test_rank_comes_from_the_environment(pipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert gen.shard() == (1, 2, 1)
+    summary = gen.generate(pipe, PROMPTS[:3], tmp_path, batch_size=1, **FAST)
+    assert summary.made == 1 and sorted(files(tmp_path)) == ["000001-000.png"]
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="RANK=2, WORLD_SIZE=2"):
+        gen.shard()
+
+
+def test_an_image_is_the_image_of_its_seed_alone(pipe, tmp_path):
+    """Batched with other prompts and seeds, an image is what txt2img makes of its prompt and
+    seed alone, up to the last bits of the batched arithmetic (at most one level of 255)."""
+    gen.generate(pipe, PROMPTS, tmp_path, num_images=2, seed=7, batch_size=4, **FAST)
+    alone = pipe.txt2img(PROMPTS[2], seed=7 + 2 * 2 + 1, **FAST)[0]
+    made = pixels(tmp_path / "000002-001.png")
+    assert np.abs(made - np.asarray(alone, dtype=np.int16)).max() <= 1
+    other_seed = np.asarray(pipe.txt2img(PROMPTS[2], seed=7 + 2 * 2, **FAST)[0], dtype=np.int16)
+    assert np.abs(made - other_seed).mean() > 5  # the test can tell seeds apart
+
+
+def test_restart_after_an_interruption_gives_the_same_set(pipe, tmp_path, monkeypatch):
+    options = dict(num_images=2, batch_size=3, **FAST)
+    gen.generate(pipe, PROMPTS, tmp_path / "whole", **options)
+    calls, txt2img = [], pipe.txt2img
+
+    def interrupted(*args, **kwargs):  # Ctrl-C during the second batch
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return txt2img(*args, **kwargs)
+    monkeypatch.setattr(pipe, "txt2img", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gen.generate(pipe, PROMPTS, tmp_path / "resumed", **options)
+    monkeypatch.undo()
+    partial = files(tmp_path / "resumed")
+    assert len(partial) == 3 and not list((tmp_path / "resumed").glob(".*"))  # no temporaries
+    assert not (tmp_path / "resumed" / "manifest.jsonl").exists()
+    summary = gen.generate(pipe, PROMPTS, tmp_path / "resumed", **options)
+    assert (summary.made, summary.skipped, summary.complete) == (7, 3, True)
+    assert files(tmp_path / "resumed") == files(tmp_path / "whole")
+    assert manifest(tmp_path / "resumed") == manifest(tmp_path / "whole")
+
+    # One image removed from the middle of a batch: its batch is computed again, the same bytes
+    # come out, and nothing else is rewritten.
+    (tmp_path / "resumed" / "000002-000.png").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resumed").glob("*.png")}
+    summary = gen.generate(pipe, PROMPTS, tmp_path / "resumed", **options)
+    assert (summary.made, summary.skipped) == (1, 9)
+    assert files(tmp_path / "resumed") == files(tmp_path / "whole")
+    assert all(p.stat().st_mtime_ns == before[p.name]
+               for p in (tmp_path / "resumed").glob("*.png") if p.name in before)
+
+
+def test_a_folder_of_other_images_is_refused(pipe, tmp_path):
+    gen.generate(pipe, PROMPTS[:2], tmp_path, **FAST)
+    with pytest.raises(ValueError, match=r"000000-000.png is there but was made with other "
+                                         r"settings \(steps 3, now 4\)"):
+        gen.generate(pipe, PROMPTS[:2], tmp_path, steps=4, sampler="euler_a")
+    with pytest.raises(ValueError, match="prompt 'a red circle', now 'a blue circle'"):
+        gen.generate(pipe, ["a blue circle"], tmp_path, **FAST)
+    Image.new("RGB", (64, 64)).save(tmp_path / "000001-000.png")  # no record in it
+    with pytest.raises(ValueError, match="000001-000.png is there but is no image of"):
+        gen.generate(pipe, PROMPTS[:2], tmp_path, **FAST)
+
+
+def test_jsonl_lines_carry_their_own_settings(pipe, tmp_path):
+    lines = [{"prompt": "a red circle", "sampler": "ddim", "steps": 4, "cfg_scale": 5.0,
+              "seed": 1234, "num_images": 2},
+             {"prompt": "a blue square", "negative_prompt": "a red square", "height": 48,
+              "width": 32},
+             {"prompt": "a green triangle"}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(map(json.dumps, lines[:2])) + "\n\n" + json.dumps(lines[2]) + "\n")
+    gen.generate(pipe, path, tmp_path / "out", seed=50, **FAST)
+    rows = manifest(tmp_path / "out")
+    assert [(r["file"], r["line"], r["seed"], r["sampler"], r["steps"], r["cfg_scale"])
+            for r in rows] == [
+        ("000000-000.png", 1, 1234, "ddim", 4, 5.0), ("000000-001.png", 1, 1235, "ddim", 4, 5.0),
+        ("000001-000.png", 2, 51, "euler_a", 3, 3.0), ("000002-000.png", 4, 52, "euler_a", 3, 3.0)]
+    assert rows[1]["negative_prompt"] == "" and rows[2]["negative_prompt"] == "a red square"
+    image = Image.open(tmp_path / "out" / "000001-000.png")
+    assert image.size == (32, 48)
+    assert "Negative prompt: a red square" in image.info["parameters"]
+    assert "Sampler: DDIM, CFG scale: 5.0, Seed: 1235" in Image.open(
+        tmp_path / "out" / "000000-001.png").info["parameters"]
+    alone = pipe.txt2img("a red circle", sampler="ddim", steps=4, cfg_scale=5.0, seed=1235)[0]
+    made = pixels(tmp_path / "out" / "000000-001.png")
+    assert np.abs(made - np.asarray(alone, dtype=np.int16)).max() <= 1
+    default = np.asarray(pipe.txt2img("a red circle", seed=1235, **FAST)[0], dtype=np.int16)
+    assert np.abs(made - default).mean() > 5  # the line's settings did change the image
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "a", "stepz": 3}', r"p.jsonl:2: unknown key 'stepz'; a prompt takes"),
+    ('{"prompt": "a", "generator": 3}', r"p.jsonl:2: unknown key 'generator' \(an object"),
+    ('{"prompt": "a", "steps": "3"}', r"p.jsonl:2: steps: steps must be an integer, got '3'"),
+    ('{"prompt": "a", "steps": 0}', r"p.jsonl:2: steps: steps must be a positive integer"),
+    ('{"prompt": "a", "cfg_scale": 1e9}', r"p.jsonl:2: cfg_scale: cfg_scale must be in"),
+    ('{"prompt": "a", "sampler": "eulr"}', r"p.jsonl:2: sampler: must be one of ddim"),
+    ('{"prompt": "a", "height": 30}', r"p.jsonl:2: height: must be a multiple of 8, got 30"),
+    ('{"prompt": "a", "seed": -1}', r"p.jsonl:2: seed: seed must be an integer >= 0"),
+    ('{"prompt": "a", "seed": 18446744073709551616}', r"p.jsonl:2: seed: must be below 2\*\*64"),
+    ('{"text": "a"}', r"p.jsonl:2: unknown key 'text'"),
+    ('{"steps": 3}', r'p.jsonl:2: has no "prompt"'),
+    ('{"prompt": 3}', r'p.jsonl:2: needs a string as its "prompt"'),
+    ('["a red circle"]', r'p.jsonl:2: a prompt is a string or an object'),
+    ('{"prompt": "a",', r"p.jsonl:2: not JSON \(Expecting property name"),
+])
+def test_a_bad_line_is_named_with_its_key(tmp_path, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a red circle"}\n' + line + "\n")
+    with pytest.raises((ValueError, TypeError), match=message):
+        gen.read_prompts(path)
+
+
+def test_settings_that_need_the_model_are_checked_before_any_image(pipe, tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b", "sampler": "ddim", "steps": 2000}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: steps must be .* for sampler 'ddim'"):
+        gen.generate(pipe, path, tmp_path / "out")
+    path.write_text('{"prompt": "a"}\n{"prompt": "b", "num_images": 3}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: num_images 3 is more than the 2 images"):
+        gen.generate(pipe, path, tmp_path / "out", num_images=2)
+    assert not (tmp_path / "out").exists()
+    path.write_text("\n  \n")
+    with pytest.raises(ValueError, match="holds no prompt"):
+        gen.read_prompts(path)
+
+
+def test_command_line(pipe, tmp_path, monkeypatch, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:3]) + "\n")
+    out = tmp_path / "out"
+    args = ["--prompts", str(prompts), "--out", str(out), "--steps", "3", "--sampler",
+            "euler_a", "--num-images", "2", "--seed", "9", "--batch-size", "4", "--no-progress"]
+    monkeypatch.setattr(gen, "load", lambda *a, **k: pipe)  # the fixture's, already loaded
+    assert gen.run(args) == 0
+    assert capsys.readouterr().out.startswith("rank 0/1: 6 images made, 0 already there")
+    assert files(out) == files(_api_run(pipe, tmp_path / "api", PROMPTS[:3]))
+    record = manifest(out)[0]
+    assert record["model"] == "tiny-shapes.safetensors" and len(record["model_sha256"]) == 64
+    assert gen.run(args) == 0
+    assert "0 images made, 6 already there" in capsys.readouterr().out
+
+
+def _api_run(pipe, out, prompts):
+    gen.generate(pipe, prompts, out, num_images=2, seed=9, batch_size=4,
+                 model=ldm.loader.DEFAULT_CHECKPOINT, **FAST)
+    return out
+
+
+@pytest.mark.parametrize("argument, message", [
+    (["--steps", "0"], "argument --steps: steps must be a positive integer"),
+    (["--num-images", "0"], "argument --num-images: num_images must be a positive integer"),
+    (["--seed", "-3"], "argument --seed: seed must be an integer >= 0"),
+    (["--height", "20"], "argument --height: must be a multiple of 8"),
+    (["--cfg-scale", "nan"], "argument --cfg-scale: cfg_scale must be in"),
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1"),
+    (["--ckpt", "nowhere.safetensors"], "argument --ckpt: nowhere.safetensors is not a file"),
+    (["--prompts", "nowhere.txt"], "argument --prompts: nowhere.txt is not a file"),
+    (["--out", "prompts.txt"], "argument --out: prompts.txt is not a folder"),
+])
+def test_command_line_errors_come_before_the_load(tmp_path, monkeypatch, capsys, argument,
+                                                  message):
+    monkeypatch.chdir(tmp_path)
+    Path("prompts.txt").write_text("a red circle\n")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(gen, "load", no_load)
+    code = gen.run(["--prompts", "prompts.txt", "--out", "out", *argument])
+    assert code == 2
+    assert capsys.readouterr().err.startswith(f"python -m ldm.generate: error: {message}")
+    assert not Path("out").exists()
+
+
+@pytest.mark.slow  # two fresh processes importing torch: ~25 s on a shared 2-core machine
+def test_torchrun_with_two_cpu_processes(pipe, tmp_path):
+    """Two processes under torchrun (no process group: they never talk) make the files one
+    process makes, byte for byte."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:3]) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "ldm.generate",
+               "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--steps", "3",
+               "--sampler", "euler_a", "--num-images", "2", "--seed", "9", "--batch-size", "4",
+               "--no-progress", "--device", "cpu", "--threads", "1"]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0/2: 4 images made" in done.stdout and "rank 1/2: 2 images made" in done.stdout
+    assert files(tmp_path / "out") == files(_api_run(pipe, tmp_path / "api", PROMPTS[:3]))
+    assert manifest(tmp_path / "out") == manifest(tmp_path / "api")
