@@ -357,27 +357,26 @@ def encode(tokens, encode_chunk, *, emphasis="original", embeddings=None, token_
     if emphasis not in EMPHASES:
         raise ValueError(f"emphasis must be one of {EMPHASES}, got {emphasis!r}")
     _check_embeddings(tokens.placements, embeddings, token_embedding)
-    hidden, pooled = [], None
+    outputs = []  # (hidden (B, T, D), pooled or None) of each chunk
     for k in range(tokens.chunks):
         placed = [p for p in tokens.placements if p.chunk == k]
         with _written_over(token_embedding, placed, embeddings):
-            z, pooled_k = _split_output(encode_chunk(tokens.ids[:, k]), tokens.ids[:, k])
-        hidden.append(z)
-        pooled = pooled_k if k == 0 else pooled
+            outputs.append(_split_output(encode_chunk(tokens.ids[:, k]), tokens.ids[:, k]))
     empty = None
     if emphasis == "comfy" and (tokens.weights != 1).any():
         empty_ids = tokens.empty_ids()
         empty = _split_output(encode_chunk(empty_ids), empty_ids)[0]
     context = torch.cat([weigh(z, tokens.weights[:, k], emphasis, empty)
-                         for k, z in enumerate(hidden)], dim=1)
+                         for k, (z, _) in enumerate(outputs)], dim=1)
+    pooled = outputs[0][1]  # SDXL's pooled text: the first chunk's, as A1111 takes it
     return context if pooled is None else (context, pooled)
 
 
 def weigh(z, weights, emphasis="original", empty=None):
     """One chunk's hidden states z (B, T, D) and weights (B, T) -> weighted (B, T, D).
 
-    Computed in float32 and returned in z's dtype; prompts whose weights are all 1 are
-    returned as they are. "comfy" needs `empty`, the encoding of the empty prompt (1, T, D).
+    Computed in float32 (the means of "original" in float64) and returned in z's dtype;
+    prompts whose weights are all 1 are returned as they are. "comfy" needs `empty`, the encoding of the empty prompt (1, T, D).
     """
     w = weights.to(z.device, torch.float32)[..., None]  # (B, T, 1)
     weighted = (w != 1).flatten(1).any(dim=1)  # (B,)
