@@ -102,6 +102,9 @@ def read_prompts(path):
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"prompts file {path} does not exist (prompts themselves are "
+                                "given as a list)") from e
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from e
     jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
@@ -274,6 +277,9 @@ def generate(pipe, prompts, out, *, seed=0, num_images=1, batch_size=8, rank=Non
     """
     if rank is None or world_size is None:
         rank, world_size, _ = shard()
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, "
+                         f"world_size={world_size}")
     prompts = _prompts(prompts)
     unknown = sorted(set(defaults) - set(LINE_KEYS))
     if unknown:
@@ -291,21 +297,27 @@ def generate(pipe, prompts, out, *, seed=0, num_images=1, batch_size=8, rank=Non
     mine = batches(jobs, batch_size)[rank::world_size]
     writer = _Writer(out, model_info, dict(zip(RUN_KEYS, (rank, world_size, str(pipe.device),
                                                           str(pipe.dtype)))))
-    summary, start = Summary(batches=len(mine)), time.monotonic()
-    for number, batch in enumerate(mine, 1):
+    summary = _make_batches(pipe, mine, writer)
+    summary.complete = writer.finish(jobs)
+    return summary
+
+
+def _make_batches(pipe, batches, writer):
+    """Make the missing images of each batch (computing the whole batch, so that its images
+    come out as in any other run), write them; returns the Summary."""
+    summary, start = Summary(batches=len(batches)), time.monotonic()
+    for number, batch in enumerate(batches, 1):
         todo = [job for job in batch if not writer.done(job)]
         summary.skipped += len(batch) - len(todo)
         if todo:
-            images = _make(pipe, batch)
-            for job, image in zip(batch, images):
+            for job, image in zip(batch, _make(pipe, batch)):
                 if job in todo:
                     writer.write(job, image)
             summary.made += len(todo)
         summary.seconds = time.monotonic() - start
-        log.info("rank %d/%d: batch %d/%d, %d made, %d already there, %.2f images/s", rank,
-                 world_size, number, len(mine), summary.made, summary.skipped,
-                 summary.made / max(summary.seconds, 1e-9))
-    summary.complete = writer.finish(jobs)
+        log.info("rank %d/%d: batch %d/%d, %d made, %d already there, %.2f images/s",
+                 writer.run_info["rank"], writer.run_info["world_size"], number, len(batches),
+                 summary.made, summary.skipped, summary.made / max(summary.seconds, 1e-9))
     return summary
 
 
@@ -481,8 +493,9 @@ def execute(args):
         raise ValueError(f"argument --batch-size: must be at least 1, got {args.batch_size}")
     device = _device(args.device, local_rank)
     _threads(args.threads, device)
-    if not args.no_progress:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not args.no_progress and not log.handlers:  # a line per batch, this module's only
+        log.addHandler(logging.StreamHandler(sys.stderr))
+        log.setLevel(logging.INFO)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     pipe = load(args.ckpt, device=device, dtype=dtype, config=args.config)
     summary = generate(pipe, prompts, args.out, seed=args.seed, num_images=args.num_images,

@@ -215,6 +215,11 @@ def test_settings_that_need_the_model_are_checked_before_any_image(pipe, tmp_pat
     path.write_text("\n  \n")
     with pytest.raises(ValueError, match="holds no prompt"):
         gen.read_prompts(path)
+    with pytest.raises(FileNotFoundError, match="prompts file a red circle does not exist"):
+        gen.generate(pipe, "a red circle", tmp_path / "out")  # a prompt where a file goes
+    with pytest.raises(ValueError, match="rank must be in"):
+        gen.generate(pipe, ["a red circle"], tmp_path / "out", rank=2, world_size=2)
+    assert not (tmp_path / "out").exists()
 
 
 def test_command_line(pipe, tmp_path, monkeypatch, capsys):
