@@ -82,6 +82,9 @@ NOT_IN_FILES = ("generator", "latents", "output_type", "callback", "progress", "
 RECORD_KEY = "ldm_generate"  # the PNG text chunk holding an image's record
 SEED_END = 2**64             # torch.Generator.manual_seed takes seeds in [0, 2**64)
 SIZE_MULTIPLE = 8            # the SD VAEs downsample by 8 (the pipeline checks its own factor)
+DESCRIPTION = ("Generate images for every prompt of a file (one a line, or JSON objects with "
+               "their own settings in a .jsonl), across processes (torchrun), skipping the "
+               "images already there.")
 RUN_KEYS = ("rank", "world_size", "device", "dtype", "time")  # in the rank manifests only
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -533,9 +536,8 @@ def _threads(threads, device):
 
 
 def build_parser():
-    return add_arguments(argparse.ArgumentParser(
-        prog="python -m ldm.generate", description="Generate images for every prompt of a "
-        "file, across processes (torchrun), skipping what is already there."))
+    return add_arguments(argparse.ArgumentParser(prog="python -m ldm.generate",
+                                                 description=DESCRIPTION))
 
 
 def main(argv=None):
