@@ -125,12 +125,14 @@ class ImageFolder(torch.utils.data.Dataset):
             self._digests[index] = _sha256(self.items[index][0])
         return self._digests[index]
 
-    def batch(self, batch_size, generator):
+    def batch(self, batch_size, generator, part=None):
         """`batch_size` distinct images drawn uniformly (with repeats only when the folder
-        holds fewer), as a Batch: the data(batch_size, generator) ldm.train takes."""
+        holds fewer), as a Batch: the data(batch_size, generator) ldm.train takes. part: a
+        slice of the batch to load, the rest only drawn (a data-parallel rank's share: the
+        generator advances the same on every rank)."""
         order = torch.cat([torch.randperm(len(self), generator=generator)
-                           for _ in range(-(-batch_size // len(self)))])
-        return collate([self[i] for i in order[:batch_size].tolist()])
+                           for _ in range(-(-batch_size // len(self)))])[:batch_size]
+        return collate([self[i] for i in order[slice(None) if part is None else part].tolist()])
 
     def cache_latents(self, batch_size=8):
         """Encode every image not in the latent cache yet, `batch_size` at a time; returns how
