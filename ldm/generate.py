@@ -52,7 +52,6 @@ order, through a temporary file (several processes finishing together write the 
 `read_manifest(DIR)` merges the rank files (one record per file, the last written).
 """
 import argparse
-import dataclasses
 import hashlib
 import json
 import logging
