@@ -583,3 +583,152 @@ def test_find_lora(tmp_path):
     assert lora.find_lora("ink", tmp_path) == tmp_path / "ink.safetensors"
     with pytest.raises(FileNotFoundError, match="'paper' not found.*paper.pt"):
         lora.find_lora("paper", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- SDXL
+def sdxl_layout():
+    """SDXL base's layout (3 levels, no attention at level 0, two text encoders) at toy width
+    and with 2 transformer blocks where SDXL has 10: kohya's names depend on the layout only."""
+    if "sdxl" not in ldm.PRESETS:
+        pytest.skip("this ldm has no SDXL yet")
+    from ldm.models.open_clip_text import OpenCLIPTextConfig
+
+    config = ldm.PRESETS["sdxl"]
+    clip, bigg = 32, 48
+    unet = dataclasses.replace(config.unet, model_channels=32, head_dim=16, norm_groups=8,
+                               context_dim=clip + bigg, transformer_depth=(0, 2, 2),
+                               middle_transformer_depth=2, adm_in_channels=bigg + 6 * 256)
+    return dataclasses.replace(
+        config, unet=unet, vae=ldm.PRESETS["tiny"].vae, image_size=64,
+        text=dataclasses.replace(SD15_LAYOUT.text, layers=2),
+        text_2=OpenCLIPTextConfig(vocab_size=VOCAB, width=bigg, layers=3, heads=2))
+
+
+def diffusers_sdxl_unet(unet):
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    c = unet.config
+    levels = range(c.num_levels)
+    attention = [c.depth(level) > 0 for level in levels]
+    config = dict(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=c.num_res_blocks,
+        block_out_channels=tuple(c.level_channels(i) for i in levels),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D"
+                             for a in reversed(attention)),
+        transformer_layers_per_block=tuple(max(c.depth(level), 1) for level in
+                                           range(c.num_levels - 1)) + (c.depth("middle"),),
+        attention_head_dim=tuple(c.level_channels(i) // c.head_dim for i in levels),
+        cross_attention_dim=c.context_dim, use_linear_projection=True, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=c.adm_in_channels)
+    checkpoint = {f"model.diffusion_model.{k}": v.clone() for k, v in unet.state_dict().items()}
+    model = diffusers.UNet2DConditionModel(**config)
+    model.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, config), strict=True)
+    return model.eval()
+
+
+def diffusers_bigg(text_encoder):
+    transformers = pytest.importorskip("transformers")
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    cfg = text_encoder.cfg
+    model = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_width,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, hidden_act="gelu",
+        max_position_embeddings=cfg.max_positions, layer_norm_eps=cfg.eps,
+        projection_dim=cfg.width, bos_token_id=0, eos_token_id=2, pad_token_id=1))
+    prefix = "conditioner.embedders.1.model."
+    weights = convert_open_clip_checkpoint(
+        model, {prefix + k: v.clone() for k, v in text_encoder.state_dict().items()}, prefix)
+    if not hasattr(model, "text_model"):
+        weights = {k.removeprefix("text_model."): w for k, w in weights.items()}
+    model.load_state_dict(weights, strict=True)
+    return model.eval()
+
+
+def test_sdxl_kohya_lora_matches_diffusers(tmp_path):
+    """A kohya SDXL file (original U-Net names, lora_te1_ / lora_te2_) through diffusers' SDXL
+    loader (its SGM-to-diffusers block map) vs ours: U-Net and both text encoders."""
+    layout = sdxl_layout()  # (skips where ldm has no SDXL)
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from ldm.sdxl import StableDiffusionXL, size_embedding
+
+    pipe = randomize_(StableDiffusionXL(layout).eval(), fresh_seed())
+    networks = pipe.networks()
+    g = torch.Generator().manual_seed(fresh_seed())
+    names = lora.original_name_map(networks, "kohya")
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k" in names
+    assert "lora_te2_text_model_encoder_layers_2_self_attn_v_proj" in names
+    path = tmp_path / "xl.safetensors"
+    save_file(random_kohya_lora(networks, g, names=names, alphas=(2.0,), select=lambda n: not any(
+        n.startswith(f"lora_unet_{p}") for p in ("input_blocks_0_", "out_", "time_", "label_"))),
+              str(path))
+
+    class Holder(diffusers.loaders.StableDiffusionXLLoraLoaderMixin):
+        lora_scale = 1.0
+        hf_device_map = None
+        components = {}
+
+    holder = Holder()
+    holder.unet = diffusers_sdxl_unet(pipe.unet)
+    holder.text_encoder = diffusers_text_encoder(pipe.text_encoder)
+    holder.text_encoder_2 = diffusers_bigg(pipe.text_encoder_2)
+
+    c = pipe.unet.config
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    context = torch.randn(2, 77, c.context_dim, generator=g)
+    pooled = torch.randn(2, pipe.text_encoder_2.cfg.width, generator=g)
+    time_ids = torch.randint(0, 1024, (2, 6), generator=g).float()
+    ids = torch.randint(3, VOCAB, (2, 77), generator=g)
+
+    @torch.no_grad()
+    def ours():
+        bigg = pipe.text_encoder_2
+        return (pipe.unet(x, t, context, y=torch.cat([pooled, size_embedding(time_ids)], -1)),
+                pipe.text_encoder(ids), bigg.ln_final(bigg.hidden_states(ids)[-1]))
+
+    @torch.no_grad()
+    def theirs():
+        return (holder.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=dict(
+                    text_embeds=pooled, time_ids=time_ids)).sample,
+                holder.text_encoder(ids).last_hidden_state,
+                holder.text_encoder_2(ids).last_hidden_state)
+
+    before = ours()
+    for part, a, b in zip(("U-Net", "CLIP-L", "bigG"), before, theirs()):
+        assert rel_error(a, b) <= TOLERANCE, part  # the twins agree before any LoRA
+    quiet(holder.load_lora_weights, str(path), adapter_name="xl")
+    reference = theirs()
+    lora.load_lora(pipe, path)
+    for part, a, b, c0 in zip(("U-Net", "CLIP-L", "bigG"), ours(), reference, before):
+        assert_matches(a, b, c0, f"SDXL {part}")
+    lora.unload_loras(pipe)
+    assert all(torch.equal(a, b) for a, b in zip(ours(), before))
+
+
+def test_sdxl_names_are_diffusers_own():
+    """SDXL's U-Net names (3 levels, attention from level 1, the upsampler at index 2 of
+    output_blocks.2 and .5) against diffusers' converter, as for SD 1.5 above."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    unet = randomize_(UNet(sdxl_layout().unet), fresh_seed())
+    converted = convert_ldm_unet_checkpoint(
+        {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()},
+        {"layers_per_block": unet.config.num_res_blocks, "addition_embed_type": "text_time"})
+    for name, target in lora.original_name_map({"unet": unet}, "peft").items():
+        theirs = converted[name.removeprefix("unet.") + ".weight"]
+        assert torch.equal(theirs.reshape(-1), param({"unet": unet}, target).reshape(-1)), name
+    from ldm.sdxl import StableDiffusionXL
+
+    with torch.device("meta"):
+        networks = StableDiffusionXL(sdxl_layout()).networks()
+    names = {str(v): k for k, v in lora.original_name_map(networks, "kohya").items()}
+    assert names["unet.output_blocks.2.2.conv.weight"] == "lora_unet_output_blocks_2_2_conv"
+    assert names["text_encoder.encoder.layers.1.mlp.fc1.weight"] == \
+        "lora_te1_text_model_encoder_layers_1_mlp_fc1"
+    assert names["text_encoder_2.transformer.resblocks.0.attn.in_proj_weight[48:96]"] == \
+        "lora_te2_text_model_encoder_layers_0_self_attn_k_proj"
