@@ -447,7 +447,7 @@ def _lokr_delta(adapter):
         w1 = w1[:, :, None, None]
     factored = t.get("lokr_w1_b", t.get("lokr_w2_b"))
     scale = 1.0 if factored is None else _scale(adapter, factored.shape[0])
-    return torch.kron(w1, w2) * scale
+    return torch.kron(w1, w2.contiguous()) * scale  # (kron views its inputs)
 
 
 def _lora_shape(t):

@@ -732,3 +732,80 @@ def test_sdxl_names_are_diffusers_own():
         "lora_te1_text_model_encoder_layers_1_mlp_fc1"
     assert names["text_encoder_2.transformer.resblocks.0.attn.in_proj_weight[48:96]"] == \
         "lora_te2_text_model_encoder_layers_0_self_attn_k_proj"
+
+
+# ---------------------------------------------------------------------------------- LyCORIS
+LYCORIS_CASES = [  # (module, layer, LyCORIS options)
+    ("loha", "linear", {}), ("loha", "conv", {}), ("loha", "conv", {"use_tucker": True}),
+    ("lokr", "linear", {"factor": 4}), ("lokr", "linear", {"factor": 4, "decompose_both": True}),
+    ("lokr", "conv", {"factor": 4}), ("lokr", "conv", {"factor": 4, "use_tucker": True}),
+    ("lokr", "conv", {"factor": 8, "lora_dim": 64}),  # both factors whole: scale 1
+]
+
+
+@pytest.mark.parametrize("kind, layer, options", LYCORIS_CASES)
+def test_lycoris_matches_its_own_forward(kind, layer, options):
+    """A LyCORIS LoHa/LoKr module (lycoris-lora's own, random factors, alpha 3) wrapped around a
+    layer: its state dict is what files store; our merged ΔW must give the output LyCORIS's
+    forward gives."""
+    modules = pytest.importorskip("lycoris.modules")
+    torch.manual_seed(fresh_seed())
+    base = torch.nn.Linear(32, 48) if layer == "linear" else torch.nn.Conv2d(32, 48, 3, padding=1)
+    x = torch.randn(2, 32) if layer == "linear" else torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        plain = base(x)
+    cls = modules.loha.LohaModule if kind == "loha" else modules.lokr.LokrModule
+    options = {"lora_dim": 4, **options}
+    adapter_module = cls("lora_unet_x", base, 1.0, alpha=3.0, **options)
+    with torch.no_grad():
+        for p in adapter_module.parameters():
+            if p is not base.weight and p is not base.bias:
+                p.copy_(torch.randn_like(p) * 0.5)
+    tensors = {k: v.clone() for k, v in adapter_module.state_dict().items() if "org" not in k}
+    adapter_module.apply_to()
+    with torch.no_grad():
+        reference = base(x)
+        adapter = lora.Adapter(kind, tensors)
+        merged = base.weight + adapter.delta().reshape(base.weight.shape)
+        ours = (torch.nn.functional.linear(x, merged, base.bias) if layer == "linear" else
+                torch.nn.functional.conv2d(x, merged, base.bias, padding=1))
+    assert adapter.out_in() == (48, base.weight[0].numel())
+    error, change = rel_error(ours, reference), rel_error(plain, reference)
+    print(f"{kind} {layer} {options}: relative error vs LyCORIS {error:.2e} (moves {change:.2e})")
+    assert error <= TOLERANCE and change > 1e-2
+
+
+def test_lycoris_file_loads_by_kohya_names(small_pipe, tmp_path):
+    """LoHa and LoKr keys (`<kohya name>.hada_w1_a`, `.lokr_w1`, …) in one file, merged into
+    exactly the layers they name, and only those."""
+    modules = pytest.importorskip("lycoris.modules")
+    torch.manual_seed(fresh_seed())
+    networks = small_pipe.networks()
+    names = {str(v): k for k, v in lora.original_name_map(networks).items()}
+    chosen = {"unet.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight":
+              (modules.loha.LohaModule, {}),
+              "unet.input_blocks.1.0.in_layers.2.weight": (modules.lokr.LokrModule, {"factor": 4}),
+              "text_encoder.encoder.layers.0.mlp.fc1.weight": (modules.loha.LohaModule, {})}
+    tensors, expected = {}, {}
+    for ours, (cls, options) in chosen.items():
+        layer = small_pipe.get_submodule(ours.removesuffix(".weight"))
+        module = cls(names[ours], layer, 1.0, lora_dim=2, alpha=1.0, **options)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if "org" not in name:
+                    p.copy_(torch.randn_like(p) * 0.3)
+        state = {k: v.clone() for k, v in module.state_dict().items() if "org" not in k}
+        tensors.update({f"{names[ours]}.{k}": v for k, v in state.items()})
+        # ΔW as checked against LyCORIS's forward above (its get_diff_weight applies alpha/r
+        # twice, its forward once)
+        kind = "loha" if cls is modules.loha.LohaModule else "lokr"
+        expected[ours] = lora.Adapter(kind, state).delta().reshape(layer.weight.shape)
+    path = tmp_path / "lyco.safetensors"
+    save_file(tensors, str(path))
+    before = {k: v.clone() for k, v in small_pipe.state_dict().items()}
+    lora.load_lora(small_pipe, path, 0.5)
+    after = small_pipe.state_dict()
+    for ours, delta in expected.items():
+        assert torch.allclose(after[ours] - before[ours], 0.5 * delta, atol=1e-6), ours
+    assert sum(not torch.equal(after[k], before[k]) for k in before) == len(chosen)
+    lora.unload_loras(small_pipe)
