@@ -648,6 +648,7 @@ def diffusers_bigg(text_encoder):
     return model.eval()
 
 
+@pytest.mark.slow  # ~60 s on a busy 2-core machine: two text towers and the SDXL U-Net, twice
 def test_sdxl_kohya_lora_matches_diffusers(tmp_path):
     """A kohya SDXL file (original U-Net names, lora_te1_ / lora_te2_) through diffusers' SDXL
     loader (its SGM-to-diffusers block map) vs ours: U-Net and both text encoders."""
