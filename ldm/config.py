@@ -12,14 +12,16 @@ import typing
 from dataclasses import dataclass, field
 
 from ldm.models.clip_text import CLIP_TINY, CLIPTextConfig
-from ldm.models.open_clip_text import OpenCLIPTextConfig
-from ldm.models.unet import UNET_SD15_INPAINTING, UNET_SD21, UNET_TINY, UNetConfig
+from ldm.models.open_clip_text import OPEN_CLIP_BIGG, OpenCLIPTextConfig
+from ldm.models.unet import (UNET_SD15_INPAINTING, UNET_SD21, UNET_SDXL, UNET_SDXL_REFINER,
+                             UNET_TINY, UNetConfig)
 from ldm.models.vae import VAE_TINY, VAEConfig
 from ldm.samplers import resolve
 
 # SD 1.x/2.x latents are scaled by this constant so that they have roughly unit variance
-# (CompVis `scale_factor`); it belongs to the pipeline, not to the VAE.
+# (CompVis `scale_factor`); it belongs to the pipeline, not to the VAE. SDXL's VAE has its own.
 SD_SCALE_FACTOR = 0.18215
+SDXL_SCALE_FACTOR = 0.13025
 
 
 @dataclass(frozen=True)
@@ -31,20 +33,27 @@ class SamplingDefaults:
     cfg_scale: float = 7.5
 
 
-# The text encoder families: SD 1.x's CLIP ViT-L/14, SD 2.x's OpenCLIP ViT-H/14.
-TEXT_CONFIGS = {"clip": CLIPTextConfig, "open_clip": OpenCLIPTextConfig}
+# The text encoder families, (config of `text`, config of `text_2`): SD 1.x's CLIP ViT-L/14,
+# SD 2.x's OpenCLIP ViT-H/14, SDXL base's CLIP ViT-L/14 + OpenCLIP ViT-bigG/14, and the SDXL
+# refiner's bigG alone (in the second slot, as diffusers names it: text_encoder_2).
+TEXT_CONFIGS = {"clip": (CLIPTextConfig, None), "open_clip": (OpenCLIPTextConfig, None),
+                "sdxl": (CLIPTextConfig, OpenCLIPTextConfig),
+                "sdxl-refiner": (None, OpenCLIPTextConfig)}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """One latent diffusion model: the three networks plus the latent scale factor.
 
-    text_encoder: "clip" (SD 1.x) or "open_clip" (SD 2.x), the family `text` configures.
+    text_encoder: the family of text encoders, which `text` and `text_2` configure: "clip"
+    (SD 1.x), "open_clip" (SD 2.x), "sdxl" (CLIP-L `text` + bigG `text_2`), "sdxl-refiner"
+    (bigG `text_2` only, `text` None).
     prediction: what the U-Net predicts, "eps" (noise) or "v" (SD 2 768-v).
     """
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
-    text: CLIPTextConfig | OpenCLIPTextConfig = field(default_factory=CLIPTextConfig)
+    text: CLIPTextConfig | OpenCLIPTextConfig | None = field(default_factory=CLIPTextConfig)
+    text_2: OpenCLIPTextConfig | None = None
     text_encoder: str = "clip"
     prediction: str = "eps"
     scale_factor: float = SD_SCALE_FACTOR
@@ -55,10 +64,12 @@ class ModelConfig:
         if self.text_encoder not in TEXT_CONFIGS:
             raise ValueError(f"text_encoder must be one of {list(TEXT_CONFIGS)}, "
                              f"got {self.text_encoder!r}")
-        expected = TEXT_CONFIGS[self.text_encoder]
-        if not isinstance(self.text, expected):
-            raise ValueError(f"text_encoder {self.text_encoder!r} needs text={expected.__name__}"
-                             f"(…), got {type(self.text).__name__}")
+        for name, expected in zip(("text", "text_2"), TEXT_CONFIGS[self.text_encoder]):
+            value = getattr(self, name)
+            if not (value is None if expected is None else isinstance(value, expected)):
+                wanted = "None" if expected is None else f"{expected.__name__}(…)"
+                raise ValueError(f"text_encoder {self.text_encoder!r} needs {name}={wanted}, "
+                                 f"got {type(value).__name__}")
         if self.prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be 'eps' or 'v', got {self.prediction!r}")
 
@@ -79,22 +90,26 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise ConfigError("", f"must be a JSON object, got {_shown(raw)}")
         raw = {**ADDED_FIELDS, **raw}
+        if isinstance(raw.get("unet"), dict):
+            raw["unet"] = {**ADDED_UNET_FIELDS, **raw["unet"]}
         encoder = raw["text_encoder"]
         if not isinstance(encoder, str) or encoder not in TEXT_CONFIGS:
             raise ConfigError("text_encoder", f"must be one of {list(TEXT_CONFIGS)}, got "
                                               f"{_shown(encoder)}")
+        text, text_2 = TEXT_CONFIGS[encoder]
         parts = {"unet": UNetConfig, "vae": VAEConfig, "sampling": SamplingDefaults,
-                 "text": TEXT_CONFIGS[encoder]}
+                 "text": text, "text_2": text_2}
         values = _typed(cls, raw, "", parts)
-        check(_unchecked(cls, {k: _unchecked(parts[k], v) if k in parts else v
-                               for k, v in values.items()}))
-        return _build(cls, {k: _build(parts[k], v, k) if k in parts else v
+        check(_unchecked(cls, {k: _unchecked(parts[k], v) if k in parts and v is not None
+                               else v for k, v in values.items()}))
+        return _build(cls, {k: _build(parts[k], v, k) if k in parts and v is not None else v
                             for k, v in values.items()}, "")
 
 
 # Fields that files written before they existed lack (weights/tiny-shapes.safetensors among
 # them), with what those files meant; every other field must be in the file.
-ADDED_FIELDS = {"text_encoder": "clip", "prediction": "eps"}
+ADDED_FIELDS = {"text_encoder": "clip", "prediction": "eps", "text_2": None}
+ADDED_UNET_FIELDS = {"middle_transformer_depth": None, "adm_in_channels": None}  # SDXL's
 
 
 class ConfigError(ValueError):
@@ -106,7 +121,7 @@ class ConfigError(ValueError):
         super().__init__(f"{field}: {problem}" if field else problem)
 
 
-def _typed(config_cls, values, prefix, parts=()):
+def _typed(config_cls, values, prefix, parts=None):
     """`values` (a JSON object) checked against `config_cls`'s fields: all there, no others, each
     of its annotated type (`parts`: the nested configs, checked in turn). Returns the values
     with lists as tuples."""
@@ -121,8 +136,13 @@ def _typed(config_cls, values, prefix, parts=()):
         if name not in values:
             raise ConfigError(_join(prefix, name), "is missing")
     hints = typing.get_type_hints(config_cls)
-    return {name: _typed(parts[name], values[name], name) if name in parts
-            else _value(_join(prefix, name), values[name], hints[name]) for name in names}
+    parts = parts or {}
+    for name, part in parts.items():  # a text encoder slot the family leaves empty
+        if part is None and values[name] is not None:
+            raise ConfigError(name, f"must be null for text_encoder {values['text_encoder']!r}")
+    return {name: _typed(parts[name], values[name], name) if parts.get(name) is not None
+            else _value(_join(prefix, name), values[name], hints[name]) if name not in parts
+            else None for name in names}
 
 
 def _value(field_name, value, hint):
@@ -178,7 +198,9 @@ def check(config):
     multiple of the latent grid, a known default sampler."""
     _check_unet(config.unet)
     _check_vae(config.vae)
-    _check_text(config.text)
+    for name in ("text", "text_2"):
+        if getattr(config, name) is not None:
+            _check_text(getattr(config, name), name)
     if config.prediction not in ("eps", "v"):
         raise ConfigError("prediction", f"must be 'eps' or 'v', got {config.prediction!r}")
     _positive("scale_factor", config.scale_factor)
@@ -193,9 +215,11 @@ def check(config):
 def _check_unet(c):
     for name in ("in_channels", "out_channels", "model_channels", "context_dim", "norm_groups"):
         _positive(f"unet.{name}", getattr(c, name))
-    for name in ("num_res_blocks", "transformer_depth"):
-        _positive(f"unet.{name}", getattr(c, name), MAX_DEPTH)
+    _positive("unet.num_res_blocks", c.num_res_blocks, MAX_DEPTH)
     _levels("unet.channel_mult", c.channel_mult)
+    _check_depths(c)
+    if c.adm_in_channels is not None:
+        _positive("unet.adm_in_channels", c.adm_in_channels)
     if (c.num_heads is None) == (c.head_dim is None):
         raise ConfigError("unet.head_dim", "set exactly one of unet.num_heads and unet.head_dim, "
                                            f"got {c.num_heads} and {c.head_dim}")
@@ -216,6 +240,25 @@ def _check_unet(c):
             _divides(heads, c.num_heads or c.head_dim, c.level_channels(level), where)
 
 
+def _check_depths(c):
+    depths = c.transformer_depth
+    if isinstance(depths, tuple):
+        if len(depths) != c.num_levels or min(depths, default=0) < 0 or max(depths) > MAX_DEPTH:
+            raise ConfigError("unet.transformer_depth", f"must be one number, or {c.num_levels} "
+                              f"(one per level) in [0, {MAX_DEPTH}], got {list(depths)}")
+        for level in c.attention_levels:
+            if 0 <= level < c.num_levels and depths[level] == 0:
+                raise ConfigError("unet.transformer_depth", f"is 0 at level {level}, one of "
+                                  "unet.attention_levels")
+    else:
+        _positive("unet.transformer_depth", depths, MAX_DEPTH)
+    if c.middle_transformer_depth is not None:
+        _positive("unet.middle_transformer_depth", c.middle_transformer_depth, MAX_DEPTH)
+    elif isinstance(depths, tuple) and depths[-1] == 0:
+        raise ConfigError("unet.middle_transformer_depth", "must be set when the last level's "
+                          "transformer_depth is 0 (the middle block always has attention)")
+
+
 def _check_vae(c):
     for name in ("ch", "z_channels", "in_channels", "out_channels", "norm_groups"):
         _positive(f"vae.{name}", getattr(c, name))
@@ -226,15 +269,15 @@ def _check_vae(c):
         _divides("vae.norm_groups", c.norm_groups, channels, f"level {level}")
 
 
-def _check_text(c):
+def _check_text(c, slot="text"):
     for name in ("vocab_size", "max_positions", "width", "heads", "mlp_ratio"):
-        _positive(f"text.{name}", getattr(c, name))
-    _positive("text.layers", c.layers, MAX_DEPTH)
-    _positive("text.eps", c.eps)
-    _divides("text.heads", c.heads, c.width, "text.width")
+        _positive(f"{slot}.{name}", getattr(c, name))
+    _positive(f"{slot}.layers", c.layers, MAX_DEPTH)
+    _positive(f"{slot}.eps", c.eps)
+    _divides(f"{slot}.heads", c.heads, c.width, f"{slot}.width")
     skip_last = getattr(c, "skip_last", 0)  # OpenCLIP's only
     if not 0 <= skip_last < c.layers:
-        raise ConfigError("text.skip_last", f"must be in [0, {c.layers}), got {skip_last}")
+        raise ConfigError(f"{slot}.skip_last", f"must be in [0, {c.layers}), got {skip_last}")
 
 
 def _check_sampling(s):
@@ -292,6 +335,15 @@ TINY_SHAPES = ModelConfig(
 SD21 = ModelConfig(unet=UNET_SD21, text=OpenCLIPTextConfig(), text_encoder="open_clip",
                    prediction="v", image_size=768)
 
+# SDXL 1.0 base and refiner (sgm's sd_xl_base.yaml / sd_xl_refiner.yaml), at 1024×1024. Both
+# sample on SD's noise schedule with ε-prediction; the defaults are sgm's demo: 40 Euler steps
+# at guidance 5.
+SDXL = ModelConfig(unet=UNET_SDXL, text=CLIPTextConfig(), text_2=OPEN_CLIP_BIGG,
+                   text_encoder="sdxl", scale_factor=SDXL_SCALE_FACTOR, image_size=1024,
+                   sampling=SamplingDefaults(steps=40, sampler="euler", cfg_scale=5.0))
+SDXL_REFINER = dataclasses.replace(SDXL, unet=UNET_SDXL_REFINER, text=None,
+                                   text_encoder="sdxl-refiner")
+
 PRESETS = {
     "sd15": ModelConfig(),  # also SD 1.4, 1.2, 1.1: the same network
     "sd15-inpainting": ModelConfig(unet=UNET_SD15_INPAINTING),
@@ -300,6 +352,8 @@ PRESETS = {
     # 512-inpainting-ema: the 512 base model with SD 1.5 inpainting's 9 input channels
     "sd2-inpainting": dataclasses.replace(SD21, prediction="eps", image_size=512,
                                           unet=dataclasses.replace(UNET_SD21, in_channels=9)),
+    "sdxl": SDXL,  # sd_xl_base_1.0
+    "sdxl-refiner": SDXL_REFINER,  # sd_xl_refiner_1.0
     "tiny": ModelConfig(unet=UNET_TINY, vae=VAE_TINY, text=CLIP_TINY),
     "tiny-shapes": TINY_SHAPES,
 }

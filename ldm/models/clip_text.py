@@ -129,11 +129,17 @@ class CLIPTextModel(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
 
     def forward(self, ids, layers=None):
+        return self.final_layer_norm(self.hidden_states(ids, layers)[-1])
+
+    def hidden_states(self, ids, layers=None):
+        """[embeddings, after block 1, …, after block `layers`] (None: all), each (B, T, C),
+        without the final LayerNorm: transformers' `output_hidden_states`. SDXL's context takes
+        `hidden_states(ids)[-2]`, the state after 11 of 12 blocks as it is."""
         check_token_ids(ids, self.cfg.max_positions)
-        x = self.embeddings(ids)  # (B, T, C)
+        states = [self.embeddings(ids)]  # (B, T, C)
         for layer in self.encoder.layers[:layers]:
-            x = layer(x)
-        return self.final_layer_norm(x)
+            states.append(layer(states[-1]))
+        return states
 
 
 def check_token_ids(ids, max_positions):

@@ -1,10 +1,11 @@
-"""The OpenCLIP ViT-H/14 text encoder that conditions Stable Diffusion 2.x.
+"""The OpenCLIP text encoder: ViT-H/14 conditions Stable Diffusion 2.x, ViT-bigG/14 SDXL.
 
 Token ids -> token + learned position embeddings -> pre-LayerNorm transformer blocks (causal
 self-attention, exact-GELU MLP) -> final LayerNorm. SD 2 (CompVis/Stability
 `FrozenOpenCLIPEmbedder`, layer="penultimate") runs only the first 23 of the 24 blocks, then
-`ln_final`: the "penultimate layer". The pooled, projected embedding of CLIP is not used, so
-`text_projection` and `logit_scale` are kept only because the checkpoint stores them.
+`ln_final`: the "penultimate layer". SD 2 does not use CLIP's pooled, projected embedding; SDXL
+does (`pooled`), beside the penultimate state without `ln_final` (`hidden_states`).
+`logit_scale` is kept only because the checkpoint stores it.
 
 There is a causal mask and no padding mask, as in the original. open_clip's tokenizer pads with
 id 0 (not with end-of-text as SD 1's does); the padding tokens attend to the prompt and are used
@@ -56,6 +57,8 @@ class OpenCLIPTextConfig:
         return self.width * self.mlp_ratio
 
 
+# ViT-bigG/14's text tower, SDXL's second encoder (694,659,841 parameters).
+OPEN_CLIP_BIGG = OpenCLIPTextConfig(width=1280, layers=32, heads=20)
 # Vocabulary and positions stay those of the real tokenizer, so real token ids fit.
 OPEN_CLIP_TINY = OpenCLIPTextConfig(width=32, layers=3, heads=2)
 
@@ -134,9 +137,23 @@ class OpenCLIPTextModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((), math.log(1 / 0.07)))
 
     def forward(self, ids, layers=None):
-        check_token_ids(ids, self.cfg.max_positions)
         layers = self.cfg.layers - self.cfg.skip_last if layers is None else layers
-        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]  # (B, T, C)
+        return self.ln_final(self.hidden_states(ids, layers)[-1])
+
+    def hidden_states(self, ids, layers=None):
+        """[embeddings, after block 1, …, after block `layers`] (None: all), each (B, T, C),
+        without `ln_final`. SDXL's context takes `hidden_states(ids)[-2]` of ViT-bigG, the
+        state after 31 of 32 blocks as it is (SD 2 normalises its penultimate state)."""
+        check_token_ids(ids, self.cfg.max_positions)
+        states = [self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]]
         for block in self.transformer.resblocks[:layers]:
-            x = block(x)
-        return self.ln_final(x)
+            states.append(block(states[-1]))
+        return states
+
+    def pooled(self, last_state, ids):
+        """CLIP's text embedding: the last hidden state (B, T, C), `ln_final` applied here, at
+        each prompt's end-of-text token (the largest id, 49407), times `text_projection`
+        -> (B, C). SDXL conditions on it through the U-Net's `y`."""
+        end = ids.argmax(dim=-1)  # (B,)
+        final = self.ln_final(last_state)[torch.arange(len(ids), device=ids.device), end]
+        return final @ self.text_projection

@@ -1,7 +1,8 @@
 """The Stable Diffusion U-Net: predicts the noise ε in a latent x_t, given t and the text.
 
     eps = unet(x, t, context)     x (B, 4, h, w), t (B,), context (B, 77, 768) -> (B, 4, h, w)
-    eps = unet(x, t, **cond)      cond = {"context": …} (+ "concat" for inpainting models)
+    eps = unet(x, t, **cond)      cond = {"context": …} (+ "concat" for inpainting models,
+                                  + "y" (B, adm_in_channels) for SDXL)
 
 A hand-written copy of CompVis `openaimodel.UNetModel` as SD configures it; parameter names
 are the checkpoint's with `model.diffusion_model.` removed. The SD 1.5 blocks, for a 64×64
@@ -36,6 +37,13 @@ Every ResBlock also receives the timestep embedding (sinusoids → time_embed ML
 every Attn receives the text context. SD 2.x changes only the config: 64-dim heads instead
 of 8 heads, context 1024, Linear instead of 1×1-conv projections in the transformers.
 
+SDXL changes the config too, plus one input. Three levels (320/640/1280; the refiner four,
+384/768/1536/1536), no attention at level 0, and a stack of transformer blocks per
+SpatialTransformer that grows with depth (`transformer_depth` per level: base 0/2/10 and 10 in
+the middle, refiner 0/4/4/0 and 4). The new input is `y`, a vector of pooled text and image-size
+numbers (`ldm.sdxl`) that `label_emb` maps to the time embedding's width and adds to it:
+every ResBlock then sees "which timestep, which prompt, which size".
+
 Axis letters: B batch, C channels, h/w latent height/width, M context tokens.
 """
 import math
@@ -58,6 +66,11 @@ class UNetConfig:
     SpatialTransformer; CompVis writes the same as `attention_resolutions: [4, 2, 1]`, the
     downsampling factors 2**level. Set exactly one of `num_heads` (SD 1: 8 heads at every
     width) or `head_dim` (SD 2: 64 channels per head, so 5/10/20/20 heads).
+    `transformer_depth`: BasicTransformerBlocks per SpatialTransformer, one number for every
+    attention level or one per level (SDXL: (0, 2, 10)); `middle_transformer_depth` the middle
+    block's (None: the last entry of `transformer_depth`, as in sgm). `adm_in_channels`:
+    width of the extra conditioning vector `y` (SDXL's "ADM" input: 2816 base, 2560
+    refiner); None for SD 1/2, which have none.
     """
     in_channels: int = 4
     out_channels: int = 4
@@ -68,7 +81,9 @@ class UNetConfig:
     num_heads: int | None = 8
     head_dim: int | None = None
     context_dim: int = 768
-    transformer_depth: int = 1
+    transformer_depth: int | tuple = 1
+    middle_transformer_depth: int | None = None
+    adm_in_channels: int | None = None
     use_linear_proj: bool = False
     norm_groups: int = 32
     dropout: float = 0.0
@@ -94,6 +109,18 @@ class UNetConfig:
     def level_channels(self, level):
         return self.model_channels * self.channel_mult[level]
 
+    def depth(self, level):
+        """Transformer blocks at `level` (0 where the level has no attention); "middle" for the
+        middle block."""
+        depths = self.transformer_depth
+        if level == "middle":  # sgm's default: the last entry, attention there or not
+            if self.middle_transformer_depth is not None:
+                return self.middle_transformer_depth
+            return depths if isinstance(depths, int) else depths[-1]
+        if level not in self.attention_levels:
+            return 0
+        return depths if isinstance(depths, int) else depths[level]
+
     def attention_shape(self, channels):
         """(heads, head size) of a transformer on `channels` channels."""
         if self.num_heads is not None:
@@ -104,6 +131,13 @@ class UNetConfig:
 UNET_SD15_INPAINTING = replace(UNetConfig(), in_channels=9)  # latent 4 + mask 1 + masked latent 4
 UNET_SD21 = replace(UNetConfig(), num_heads=None, head_dim=64, context_dim=1024,
                     use_linear_proj=True)  # 2.0 / 2.1, 512-base and 768-v alike
+# SDXL 1.0 (sgm's sd_xl_base.yaml / sd_xl_refiner.yaml): no attention at full resolution.
+UNET_SDXL = UNetConfig(channel_mult=(1, 2, 4), attention_levels=(1, 2), num_heads=None,
+                       head_dim=64, context_dim=2048, transformer_depth=(0, 2, 10),
+                       middle_transformer_depth=10, adm_in_channels=2816, use_linear_proj=True)
+UNET_SDXL_REFINER = replace(UNET_SDXL, model_channels=384, channel_mult=(1, 2, 4, 4),
+                            context_dim=1280, transformer_depth=(0, 4, 4, 0),
+                            middle_transformer_depth=4, adm_in_channels=2560)
 # Every block type (ResBlock with and without skip conv, transformer, down, up) at toy size.
 UNET_TINY = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                        attention_levels=(1,), num_heads=2, context_dim=32, norm_groups=8)
@@ -229,11 +263,13 @@ class UNetBlock(nn.Sequential):
 class UNet(nn.Module):
     """ε-prediction U-Net (see the module docstring for its blocks).
 
-    forward(x, t, context, concat=None): x (B, C_x, h, w), any h, w (multiples of
+    forward(x, t, context, concat=None, y=None): x (B, C_x, h, w), any h, w (multiples of
     `config.size_multiple` take the exact ×2 path of the original); t (B,) or a scalar, int or
     float; context (B, M, context_dim) -> (B, out_channels, h, w) in x's dtype. `concat`
     (B, in_channels − C_x, h, w): extra input channels stacked after x's (an inpainting model's
-    mask and masked-image latents; CompVis's "c_concat"). The keyword names are the keys of the
+    mask and masked-image latents; CompVis's "c_concat"). `y` (B, adm_in_channels): SDXL's
+    pooled-text-and-sizes vector, required exactly when the config has `adm_in_channels`.
+    The keyword names are the keys of the
     conditioning dict the pipeline, guidance and training pass around: unet(x, t, **cond).
     """
 
@@ -242,22 +278,30 @@ class UNet(nn.Module):
         self.config = c = config
         self.time_embed = nn.Sequential(nn.Linear(c.model_channels, c.time_embed_dim), nn.SiLU(),
                                         nn.Linear(c.time_embed_dim, c.time_embed_dim))
+        if c.adm_in_channels is not None:
+            # a Sequential in a Sequential only for the checkpoint names `label_emb.0.{0,2}`
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(c.adm_in_channels, c.time_embed_dim), nn.SiLU(),
+                nn.Linear(c.time_embed_dim, c.time_embed_dim)))
         self.input_blocks, skip_channels = _input_blocks(c)
         ch = skip_channels[-1]
-        self.middle_block = UNetBlock(_res_block(c, ch, ch), _transformer(c, ch),
+        self.middle_block = UNetBlock(_res_block(c, ch, ch),
+                                      _transformer(c, ch, c.depth("middle")),
                                       _res_block(c, ch, ch))
         self.output_blocks = _output_blocks(c, skip_channels)
         self.out = IndexedSequential({0: GroupNormSiLU(c.norm_groups, c.model_channels),
                                       2: zero_init(conv3x3(c.model_channels, c.out_channels))})
 
-    def forward(self, x, t, context, concat=None):
+    def forward(self, x, t, context, concat=None, y=None):
         if concat is not None:
             if concat.ndim != 4 or concat.shape[0] != x.shape[0] or concat.shape[2:] != x.shape[2:]:
                 raise ValueError(f"concat must be ({x.shape[0]}, C, {x.shape[2]}, {x.shape[3]}) "
                                  f"like x, got {tuple(concat.shape)}")
             x = torch.cat([x, concat], dim=1)  # (B, in_channels, h, w)
-        t = self._check_inputs(x, t, context)
+        t = self._check_inputs(x, t, context, y)
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y.to(x.dtype))  # (B, time_embed_dim)
         skips = []
         for block in self.input_blocks:
             x = block(x, emb, context)
@@ -269,7 +313,7 @@ class UNet(nn.Module):
             x = block(x, emb, context, size=skips[-1].shape[-2:] if skips else None)
         return self.out(x)
 
-    def _check_inputs(self, x, t, context):
+    def _check_inputs(self, x, t, context, y):
         """Raise a ValueError naming the bad argument; return t as a (B,) tensor."""
         c = self.config
         if x.ndim != 4 or x.shape[1] != c.in_channels:
@@ -279,6 +323,14 @@ class UNet(nn.Module):
         if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != c.context_dim:
             raise ValueError(f"context must be ({batch}, M, {c.context_dim}), "
                              f"got {tuple(context.shape)}")
+        if c.adm_in_channels is None and y is not None:
+            raise ValueError("y was given, but this U-Net takes no vector conditioning "
+                             "(adm_in_channels is None)")
+        expected_y = (batch, c.adm_in_channels)
+        if c.adm_in_channels is not None and (y is None or tuple(y.shape) != expected_y):
+            got = "none" if y is None else tuple(y.shape)
+            raise ValueError(f"y must be ({batch}, {c.adm_in_channels}) (SDXL's pooled text and "
+                             f"size conditioning), got {got}")
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(batch)  # one timestep for the whole batch
@@ -291,9 +343,9 @@ def _res_block(c, in_channels, out_channels):
     return ResBlock(in_channels, out_channels, c.time_embed_dim, c.norm_groups, c.dropout)
 
 
-def _transformer(c, channels):
+def _transformer(c, channels, depth):
     heads, head_dim = c.attention_shape(channels)
-    return SpatialTransformer(channels, heads, head_dim, c.context_dim, c.transformer_depth,
+    return SpatialTransformer(channels, heads, head_dim, c.context_dim, depth,
                               c.norm_groups, c.use_linear_proj, c.dropout)
 
 
@@ -308,8 +360,8 @@ def _input_blocks(c):
         for _ in range(c.num_res_blocks):
             layers = [_res_block(c, ch, c.level_channels(level))]
             ch = c.level_channels(level)
-            if level in c.attention_levels:
-                layers.append(_transformer(c, ch))
+            if c.depth(level):
+                layers.append(_transformer(c, ch, c.depth(level)))
             blocks.append(UNetBlock(*layers))
             skip_channels.append(ch)
         if level != c.num_levels - 1:
@@ -329,8 +381,8 @@ def _output_blocks(c, skip_channels):
         for i in range(c.num_res_blocks + 1):
             layers = [_res_block(c, ch + skips.pop(), c.level_channels(level))]
             ch = c.level_channels(level)
-            if level in c.attention_levels:
-                layers.append(_transformer(c, ch))
+            if c.depth(level):
+                layers.append(_transformer(c, ch, c.depth(level)))
             if level > 0 and i == c.num_res_blocks:
                 layers.append(Upsample(ch))
             blocks.append(UNetBlock(*layers))
