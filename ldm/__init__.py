@@ -11,6 +11,7 @@ from ldm.checkpoint import CheckpointError
 from ldm.config import PRESETS, ModelConfig
 from ldm.loader import load, save
 from ldm.pipeline import StableDiffusion
+from ldm.sdxl import StableDiffusionXL
 
-__all__ = ["CheckpointError", "ModelConfig", "PRESETS", "StableDiffusion", "attention", "load",
-           "save"]
+__all__ = ["CheckpointError", "ModelConfig", "PRESETS", "StableDiffusion", "StableDiffusionXL",
+           "attention", "load", "save"]

@@ -11,6 +11,9 @@ the prefix table below plus two rules:
                                           (older files: cond_stage_model.transformer.<name>)
     text_encoder.<name> (SD 2.x)     <->  cond_stage_model.model.<name>   (OpenCLIP)
     unet.<name> (EMA weights)        <->  model_ema.diffusion_model<name without dots>
+    SDXL base:    text_encoder.<name>    <->  conditioner.embedders.0.transformer.text_model.<name>
+                  text_encoder_2.<name>  <->  conditioner.embedders.1.model.<name>   (bigG)
+    SDXL refiner: text_encoder_2.<name>  <->  conditioner.embedders.0.model.<name>   (bigG)
 
 `IGNORED` lists what the original stores that ldm does not need. Files are never read through
 pickle's arbitrary code execution: `torch.load(..., weights_only=True)` only.
@@ -45,13 +48,23 @@ PREFIXES = {
 }
 # Text encoders saved by older transformers versions lack the `text_model.` level.
 LEGACY_TEXT_PREFIX = "cond_stage_model.transformer."
-# The text encoder of each family (ModelConfig.text_encoder): SD 1.x's CLIP, SD 2.x's OpenCLIP.
-TEXT_PREFIXES = {"clip": PREFIXES["text_encoder"], "open_clip": "cond_stage_model.model."}
+# The text encoders of each family (ModelConfig.text_encoder): SD 1.x's CLIP, SD 2.x's
+# OpenCLIP, and SDXL's sgm "conditioner", whose embedders are numbered in the order they run.
+TEXT_PREFIXES = {
+    "clip": {"text_encoder": PREFIXES["text_encoder"]},
+    "open_clip": {"text_encoder": "cond_stage_model.model."},
+    "sdxl": {"text_encoder": "conditioner.embedders.0.transformer.text_model.",
+             "text_encoder_2": "conditioner.embedders.1.model."},
+    "sdxl-refiner": {"text_encoder_2": "conditioner.embedders.0.model."},
+}
+# SDXL files store no noise schedule: the sgm denoiser computes it (SD's, as for SD 1/2).
+SDXL_FAMILIES = ("sdxl", "sdxl-refiner")
 EMA_PREFIX = "model_ema."
 POSITION_IDS = "embeddings.position_ids"
 # Stored by the original but derived or unused here; the schedule buffers are checked, not loaded.
 IGNORED = frozenset({
     PREFIXES["text_encoder"] + POSITION_IDS, LEGACY_TEXT_PREFIX + POSITION_IDS,
+    TEXT_PREFIXES["sdxl"]["text_encoder"] + POSITION_IDS,
     "model_ema.decay", "model_ema.num_updates", "lvlb_weights", "logvar", "scale_factor",
     *schedule.checkpoint_buffers(),
 })
@@ -75,15 +88,20 @@ def ema_name(original_unet_name):
     return EMA_PREFIX + original_unet_name.removeprefix("model.").replace(".", "")
 
 
-def name_map(models, *, use_ema=False, text_prefix=PREFIXES["text_encoder"]):
+def name_map(models, *, use_ema=False, family="clip", text_prefix=None):
     """{our name: original name} for every tensor of `models` ({"unet": UNet, "vae": …, …}).
 
+    family: the text encoders' (ModelConfig.text_encoder), which sets their prefixes
+    (TEXT_PREFIXES); text_prefix: another prefix for "text_encoder" (older SD 1 files).
     Generated from the modules themselves (works on the meta device), so it covers each
     parameter exactly once by construction.
     """
+    prefixes = {**PREFIXES, **TEXT_PREFIXES[family]}
+    if text_prefix is not None:
+        prefixes["text_encoder"] = text_prefix
     rows = {}
     for component, module in models.items():
-        prefix = text_prefix if component == "text_encoder" else PREFIXES[component]
+        prefix = prefixes[component]
         for name in module.state_dict():
             original = prefix + name
             if component == "unet" and use_ema:
@@ -363,12 +381,14 @@ def save_checkpoint(path, models, config_json, *, overwrite=False, extra_tensors
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     states = {component: module.state_dict() for component, module in models.items()}
     family = json.loads(config_json).get("text_encoder", "clip")
-    rows = name_map(models, text_prefix=TEXT_PREFIXES[family])
+    rows = name_map(models, family=family)
     tensors = {orig: _plain(states, ours) for ours, orig in rows.items()}
-    if family == "clip":  # written like the releases do, for tools that expect it; ldm ignores it
+    clip_prefix = TEXT_PREFIXES[family].get("text_encoder")
+    if family in ("clip", "sdxl"):  # as the releases store it, for tools that expect it
         positions = states["text_encoder"]["embeddings.position_embedding.weight"].shape[0]
-        tensors[PREFIXES["text_encoder"] + POSITION_IDS] = torch.arange(positions).unsqueeze(0)
-    tensors.update(schedule.checkpoint_buffers())
+        tensors[clip_prefix + POSITION_IDS] = torch.arange(positions).unsqueeze(0)
+    if family not in SDXL_FAMILIES:  # SDXL files have none, and a round trip adds nothing
+        tensors.update(schedule.checkpoint_buffers())
     tensors.update({name: t.detach().to("cpu").contiguous()
                     for name, t in (extra_tensors or {}).items()})
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")

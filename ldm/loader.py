@@ -13,6 +13,7 @@ from ldm import checkpoint
 from ldm.checkpoint import CheckpointError
 from ldm.config import PRESETS, ConfigError, ModelConfig
 from ldm.pipeline import StableDiffusion
+from ldm.sdxl import StableDiffusionXL
 
 # The small model the project trains and ships (issue: embedded default model).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "tiny-shapes.safetensors"
@@ -51,7 +52,7 @@ def load(path=None, *, device="cpu", dtype=torch.float32, use_ema=True, strict=F
     pipe = _build(ckpt, config)
     networks = pipe.networks()
     rows = checkpoint.name_map(networks, use_ema=use_ema and _has_ema(ckpt),
-                               text_prefix=_text_prefix(ckpt, config))
+                               family=config.text_encoder, text_prefix=_text_prefix(ckpt, config))
     shapes = {f"{c}.{n}": tuple(t.shape) for c, m in networks.items()
               for n, t in m.state_dict().items()}
     checkpoint.check_tensors(ckpt, rows, shapes, strict=strict)
@@ -85,8 +86,11 @@ def detect_config(ckpt):
     if first_conv is None:
         raise CheckpointError(ckpt.path, "holds no Stable Diffusion U-Net (no tensor "
                               f"{unet}input_blocks.0.0.weight)")
+    label_emb = ckpt.shapes.get(unet + "label_emb.0.0.weight")
+    if label_emb is not None:
+        return PRESETS[_sdxl_family(ckpt, first_conv, label_emb)]
     cross_attn = ckpt.shapes.get(unet + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-    sd2 = ckpt.has_prefix(checkpoint.TEXT_PREFIXES["open_clip"]) or (
+    sd2 = ckpt.has_prefix(checkpoint.TEXT_PREFIXES["open_clip"]["text_encoder"]) or (
         cross_attn is not None and cross_attn[1] == 1024)
     families = {(4, False): "sd15", (9, False): "sd15-inpainting", (4, True): "sd21",
                 (9, True): "sd2-inpainting"}
@@ -99,6 +103,27 @@ def detect_config(ckpt):
     if family == "sd21" and re.search(r"(?<!\d)512(?!\d)|base", file_name, re.I):
         family = "sd21-base"
     return PRESETS[family]
+
+
+# SDXL's U-Net takes the vector y through label_emb: (time embedding width, y width) tells
+# the base from the refiner (../shared/manifests/SDXL.md).
+SDXL_LABEL_EMB = {(1280, 2816): "sdxl", (1536, 2560): "sdxl-refiner"}
+
+
+def _sdxl_family(ckpt, first_conv, label_emb):
+    """"sdxl" or "sdxl-refiner" from the U-Net's shapes, with its text encoders present; a
+    CheckpointError for any other SDXL-like file (inpainting, other variants)."""
+    family = SDXL_LABEL_EMB.get(tuple(label_emb))
+    if family is None or first_conv[1] != 4:
+        raise CheckpointError(ckpt.path, f"has an SDXL-like U-Net (label_emb.0.0.weight "
+                              f"{list(label_emb)}, {first_conv[1]} input channels) that is "
+                              "neither SDXL 1.0 base ([1280, 2816], 4) nor refiner ([1536, "
+                              "2560], 4); ldm does not know this variant")
+    for component, prefix in checkpoint.TEXT_PREFIXES[family].items():
+        if not ckpt.has_prefix(prefix):
+            raise CheckpointError(ckpt.path, f"is an {family} file without its text encoder "
+                                  f"{component} (no tensor named {prefix}*)")
+    return family
 
 
 def _open(path, mmap):
@@ -114,12 +139,18 @@ def _build(ckpt, config):
     """The model of `config` on the meta device (no memory, no init time)."""
     try:
         with torch.device("meta"):
-            return StableDiffusion(config)
+            return pipeline_class(config)(config)
     except Exception as e:  # a config read from a file is hostile input; any failure is the file's
         if ckpt.config_json is None:
             raise
         raise CheckpointError(ckpt.path, f"its embedded config ({checkpoint.CONFIG_KEY}) "
                                          f"builds no model: {e!r}") from e
+
+
+def pipeline_class(config):
+    """StableDiffusionXL for the SDXL families, else StableDiffusion."""
+    sdxl = config.text_encoder in checkpoint.SDXL_FAMILIES
+    return StableDiffusionXL if sdxl else StableDiffusion
 
 
 def _dtype(dtype):
@@ -161,10 +192,8 @@ def _has_ema(ckpt):
 
 
 def _text_prefix(ckpt, config):
-    if config.text_encoder != "clip":
-        return checkpoint.TEXT_PREFIXES[config.text_encoder]
-    if ckpt.has_prefix(checkpoint.PREFIXES["text_encoder"]):
-        return checkpoint.PREFIXES["text_encoder"]
-    if ckpt.has_prefix(checkpoint.LEGACY_TEXT_PREFIX):
+    """SD 1 files saved by older transformers lack `text_model.`; None: the family's prefix."""
+    if (config.text_encoder == "clip" and not ckpt.has_prefix(checkpoint.PREFIXES["text_encoder"])
+            and ckpt.has_prefix(checkpoint.LEGACY_TEXT_PREFIX)):
         return checkpoint.LEGACY_TEXT_PREFIX
-    return checkpoint.PREFIXES["text_encoder"]  # check_tensors then names what is missing
+    return None  # check_tensors names whatever is missing

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 import ldm
 import ldm.loader
+from ldm.loader import pipeline_class
 from ldm import checkpoint
 from ldm.config import PRESETS
 from ldm.pipeline import StableDiffusion
@@ -25,7 +26,7 @@ NOT_LOADED = {"model_ema.decay", "model_ema.num_updates",
 
 def meta_networks(preset):
     with torch.device("meta"):
-        return StableDiffusion(PRESETS[preset]).networks()
+        return pipeline_class(PRESETS[preset])(PRESETS[preset]).networks()
 
 
 def expected_shapes(networks):
@@ -37,7 +38,8 @@ def expected_shapes(networks):
 RELEASES = [("sd15", "sd15_emaonly", False), ("sd15", "sd14", False),
             ("sd15", "sd15_pruned_full_ema", False), ("sd15", "sd15_pruned_full_ema", True),
             ("sd15-inpainting", "sd15_inpainting", False),
-            ("sd21", "sd21_768v", False), ("sd21-base", "sd21_768v", False)]
+            ("sd21", "sd21_768v", False), ("sd21-base", "sd21_768v", False),
+            ("sdxl", "sdxl_base", False), ("sdxl-refiner", "sdxl_refiner", False)]
 
 
 @pytest.mark.parametrize("preset, manifest, use_ema", RELEASES)
@@ -47,8 +49,7 @@ def test_map_covers_every_real_tensor_exactly_once(preset, manifest, use_ema):
     file, the U-Net copy not loaded."""
     real = {name: shape for name, (shape, _) in read_manifest(manifest).items()}
     networks = meta_networks(preset)
-    text_prefix = checkpoint.TEXT_PREFIXES[PRESETS[preset].text_encoder]
-    rows = checkpoint.name_map(networks, use_ema=use_ema, text_prefix=text_prefix)
+    rows = checkpoint.name_map(networks, use_ema=use_ema, family=PRESETS[preset].text_encoder)
     assert len(set(rows.values())) == len(rows), "two parameters map to one original name"
     shapes = expected_shapes(networks)
     ours = {original: shapes[name] for name, original in rows.items()}
@@ -66,7 +67,7 @@ def test_sd2_inpainting_is_sd21_with_nine_input_channels():
     real = {name: shape for name, (shape, _) in read_manifest("sd21_768v").items()}
     real["model.diffusion_model.input_blocks.0.0.weight"] = (320, 9, 3, 3)
     networks = meta_networks("sd2-inpainting")
-    rows = checkpoint.name_map(networks, text_prefix=checkpoint.TEXT_PREFIXES["open_clip"])
+    rows = checkpoint.name_map(networks, family="open_clip")
     shapes = expected_shapes(networks)
     assert {original: shapes[ours] for ours, original in rows.items()} == \
         {original: real[original] for original in rows.values()}
