@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm import arguments, samplers
+from ldm import arguments, embeddings, samplers
+from ldm import prompts as prompt_lib  # not `prompts`: the methods' locals use that name
 from ldm import schedule as noise_schedule
 from ldm.config import ModelConfig
 from ldm.cuda_graph import CUDAGraphed
@@ -46,6 +47,8 @@ from ldm.tokenizer import CLIPTokenizer
 TEXT_ENCODERS = {"clip": (CLIPTextModel, CLIPTokenizer),
                  "open_clip": (OpenCLIPTextModel, CLIPTokenizer.open_clip)}
 OUTPUT_TYPES = ("pil", "latent", "tensor")
+# encode_prompt's keyword options of every model, which the tasks pass through.
+PROMPT_OPTIONS = frozenset({"clip_skip", "prompt_syntax", "emphasis"})
 
 
 class StableDiffusion(nn.Module):
@@ -62,9 +65,7 @@ class StableDiffusion(nn.Module):
     def __init__(self, config=ModelConfig()):
         super().__init__()
         self.config = config
-        text_model, tokenizer = TEXT_ENCODERS[config.text_encoder]
-        self.tokenizer = tokenizer()
-        self.text_encoder = text_model(config.text)
+        self._build_text_encoders(config)
         self.unet = UNet(config.unet)
         self.vae = AutoencoderKL(config.vae)
         self.scale_factor = config.scale_factor
@@ -75,6 +76,16 @@ class StableDiffusion(nn.Module):
         self.cuda_graphs = False
         self._unet_graphs = CUDAGraphed(self.unet)
         self.memory_limit = None
+        self.embeddings = {}  # trigger word -> {text encoder attribute: (n, D) vectors}
+
+    def _build_text_encoders(self, config):
+        if config.text_encoder not in TEXT_ENCODERS:
+            raise ValueError(f"text_encoder {config.text_encoder!r} is SDXL's: build "
+                             "ldm.StableDiffusionXL, or let ldm.load choose")
+        text_model, tokenizer = TEXT_ENCODERS[config.text_encoder]
+        self.tokenizer = tokenizer()
+        self.text_encoder = text_model(config.text)
+        self.conditioning_keys = PROMPT_OPTIONS
 
     def networks(self):
         """{"unet": …, "vae": …, "text_encoder": …}: the modules whose weights a checkpoint holds."""
@@ -94,19 +105,84 @@ class StableDiffusion(nn.Module):
         """B prompts -> (B, 77, D) text embeddings: the U-Net's cross-attention context."""
         return self.text_encoder(self.tokenizer(prompts).to(self.device))
 
-    def encode_prompt(self, prompt, negative_prompt="", *, num_images=1):
+    def encode_prompt(self, prompt, negative_prompt="", *, num_images=1, clip_skip=None,
+                      prompt_syntax="a1111", emphasis="original"):
         """(cond, uncond): the conditioning dicts of guidance's two halves, each
-        {"context": (B · num_images, 77, D)}, images of one prompt next to each other.
+        {"context": (B · num_images, 77 · n, D)}, images of one prompt next to each other.
 
         prompt / negative_prompt: a string or a list (one negative per prompt); the negative
         prompt takes the place of the empty prompt of classifier-free guidance.
+        prompt_syntax: "a1111" reads AUTOMATIC1111's `(word:1.2)`, `[word]`, `BREAK`; "plain"
+        takes the text literally (`ldm.prompts`). Prompts longer than 75 tokens are encoded in
+        chunks of 77 (n of them; prompt and negative padded to the same n with empty chunks).
+        A plain prompt of at most 75 tokens gives CompVis's conditioning bit for bit.
+        emphasis: how weights apply, "original" (A1111's), "no_norm" or "comfy" (ComfyUI's).
+        clip_skip: A1111's "CLIP skip" N ≥ 1 (SD 1.x): the hidden state N − 1 blocks before
+        the last, then the final layer norm; None or 1 is the last layer. Trigger words of
+        loaded embeddings (`load_embedding`) are replaced by their vectors.
         """
         num_images = arguments.check_int("num_images", num_images, minimum=1)
         prompts = arguments.check_prompts("prompt", prompt)
         negatives = _per_prompt(negative_prompt, len(prompts))
-        cond = {"context": self.encode_text(prompts).repeat_interleave(num_images, dim=0)}
-        uncond = {"context": self.encode_text(negatives).repeat_interleave(num_images, dim=0)}
-        return cond, uncond
+        layers = self._clip_skip_layers(clip_skip)
+        vectors = self._embedding_vectors("text_encoder")
+        cond, uncond = prompt_lib.pad_chunks(
+            self._tokenize(self.tokenizer, prompts, prompt_syntax, vectors),
+            self._tokenize(self.tokenizer, negatives, prompt_syntax, vectors))
+        encode = self._chunk_encoder(self.text_encoder, lambda ids: self.text_encoder(
+            ids, layers=layers), vectors, emphasis)
+        return ({"context": encode(cond).repeat_interleave(num_images, dim=0)},
+                {"context": encode(uncond).repeat_interleave(num_images, dim=0)})
+
+    def _clip_skip_layers(self, clip_skip):
+        """The text blocks to run for A1111's clip skip (None: the family's own)."""
+        if clip_skip is None:
+            return None
+        clip_skip = arguments.check_int("clip_skip", clip_skip, minimum=1)
+        if self.config.text_encoder != "clip":
+            raise ValueError("clip_skip applies to SD 1.x's CLIP; SD 2.x already takes the "
+                             "penultimate layer and SDXL its own (A1111 ignores it for both)")
+        blocks = self.text_encoder.cfg.layers
+        if clip_skip > blocks:
+            raise ValueError(f"clip_skip must be in [1, {blocks}] for a text encoder of "
+                             f"{blocks} blocks, got {clip_skip}")
+        return blocks - (clip_skip - 1)
+
+    def _tokenize(self, tokenizer, texts, syntax, vectors):
+        if syntax not in prompt_lib.SYNTAXES:
+            raise ValueError(f"prompt_syntax must be one of {prompt_lib.SYNTAXES}, got "
+                             f"{syntax!r}")
+        return prompt_lib.tokenize(tokenizer, texts, syntax=syntax, embeddings=vectors)
+
+    def _chunk_encoder(self, text_encoder, encode_chunk, vectors, emphasis):
+        """Tokens -> context (and pooled text, if encode_chunk gives it), chunk by chunk."""
+        token_embedding = prompt_lib.find_token_embedding(text_encoder)
+
+        def encode(tokens):
+            return prompt_lib.encode(tokens, lambda ids: encode_chunk(ids.to(self.device)),
+                                        emphasis=emphasis, embeddings=vectors,
+                                        token_embedding=token_embedding)
+        return encode
+
+    def load_embedding(self, path, token=None):
+        """Load a textual-inversion embedding (A1111 .pt, kohya/A1111 .safetensors, diffusers
+        .bin, SDXL clip_l + clip_g): its trigger word (the file's stem unless `token`, as in
+        A1111) then stands for its vectors in every prompt. Returns the
+        `embeddings.TextualInversion`; CheckpointError for a file not for this model."""
+        embedding = embeddings.read_embedding(path, token)
+        keys = embeddings.ENCODERS[self.config.text_encoder]  # {attribute: encoder key}
+        widths = {key: getattr(self, attribute).cfg.width for attribute, key in keys.items()}
+        vectors = embeddings.vectors_for(embedding, widths)
+        self.embeddings[embedding.token] = {attribute: vectors[key]
+                                            for attribute, key in keys.items()}
+        return embedding
+
+    def _embedding_vectors(self, attribute):
+        """{trigger: (n, D) vectors} for the text encoder `attribute`, in its dtype."""
+        encoder = getattr(self, attribute)
+        weight = prompt_lib.find_token_embedding(encoder).weight
+        return {token: vectors[attribute].to(weight.device, weight.dtype)
+                for token, vectors in self.embeddings.items()}
 
     # ---------------------------------------------------------------- images in and out
     def encode_image(self, images, generator=None):
@@ -131,9 +207,19 @@ class StableDiffusion(nn.Module):
             images = vae.decode(latents.float() / self.scale_factor)
         return images
 
+    def _conditioning_inputs(self, task, options, height, width):
+        """encode_prompt's keyword inputs beyond the prompts, from a task's **options: the
+        PROMPT_OPTIONS (StableDiffusionXL adds its size and aesthetic numbers)."""
+        unknown = set(options) - self.conditioning_keys
+        if unknown:
+            raise TypeError(f"{task}() got unexpected keyword argument(s) "
+                            f"{', '.join(sorted(unknown))}; this model's prompt options are "
+                            f"{', '.join(sorted(self.conditioning_keys))}")
+        return dict(options)
+
     # ---------------------------------------------------------------- the sampling loop
     def denoise(self, x, cond, uncond, timesteps, *, sampler="ddim", cfg_scale=7.5, eta=0.0,
-                generator=None, callback=None, progress=None):
+                generator=None, callback=None, progress=None, refiner=None):
         """Run `sampler` from x at timesteps[0] through every timestep; returns the final latent.
 
         x: (B, 4, h, w) noisy latents; cond, uncond: conditioning dicts (`encode_prompt`);
@@ -143,15 +229,16 @@ class StableDiffusion(nn.Module):
         on a GPU the noise is drawn there, from device generators seeded from these
         (`_on_device`). callback(i, t, x, x0) runs after every step and may return a
         replacement x; progress: a step counter on stderr (default: when stderr is a terminal).
+        refiner: a `Handoff` (SDXL's ensemble of experts): its model predicts the noise at the
+        steps below its boundary, this one above, within the one sampling loop.
         """
         # The tasks have checked these already; denoise is also called on its own.
         cfg_scale, eta = arguments.check_cfg_scale(cfg_scale), arguments.check_eta(eta)
         arguments.check_hooks(callback, progress)
         entry = _sampler_entry(sampler)
-        model = self._network()
-        if self.config.prediction == "v":
-            model = samplers.eps_from_v(model, self.alphas_cumprod)
-        eps_fn = samplers.cfg(model, cond, uncond, cfg_scale)
+        eps_fn = self._guided(cond, uncond, cfg_scale)
+        if refiner is not None:
+            eps_fn = refiner.experts(eps_fn, cfg_scale)
         options = {"eta": eta} if entry.takes_eta else {}
         if entry.noisy:
             options["generator"] = _on_device(generator, self.device)
@@ -160,6 +247,13 @@ class StableDiffusion(nn.Module):
         callback = _chain(callback, _progress_bar(len(timesteps)) if progress else None)
         return entry.sample(eps_fn, x, timesteps, self.alphas_cumprod, callback=callback,
                             **options)
+
+    def _guided(self, cond, uncond, cfg_scale):
+        """eps_fn(x, t): this model's guided noise prediction (v converted to ε)."""
+        model = self._network()
+        if self.config.prediction == "v":
+            model = samplers.eps_from_v(model, self.alphas_cumprod)
+        return samplers.cfg(model, cond, uncond, cfg_scale)
 
     def _network(self):
         """The U-Net as the samplers' model, (x, t, cond) -> ε (or v); replayed from CUDA graphs
@@ -176,7 +270,7 @@ class StableDiffusion(nn.Module):
     def txt2img(self, prompt, *, negative_prompt="", steps=None, sampler=None, schedule=None,
                 cfg_scale=None, height=None, width=None, num_images=1, seed=None,
                 generator=None, latents=None, eta=0.0, output_type="pil", callback=None,
-                progress=None):
+                progress=None, refiner=None, refiner_start=0.8, **conditioning):
         """Generate images from text. Returns a list of PIL images ("pil"), the final latents
         (B, 4, h, w) before the VAE ("latent"), or images (B, 3, H, W) in [-1, 1] ("tensor").
 
@@ -191,6 +285,13 @@ class StableDiffusion(nn.Module):
         so a seed means the same start on any device; `latents` (B, 4, h, w) gives it
         explicitly.
         eta, callback, progress: see `denoise`.
+        refiner: an SDXL refiner (`ldm.load("sd_xl_refiner_1.0.safetensors")`) that takes over
+        the steps after the share `refiner_start` of the noise schedule (0.8: the last 20 %,
+        timesteps below 200), the "ensemble of experts" of the SDXL paper: one sampling loop
+        whose noise prediction switches model (`Handoff`), so every sampler works unchanged.
+        **conditioning: SDXL's micro-conditioning (`StableDiffusionXL.encode_prompt`):
+        original_size, crops_coords_top_left, target_size; aesthetic_score and
+        negative_aesthetic_score for a refiner. Each model takes the numbers it knows.
 
         Every argument is checked before any work (`ldm.arguments`): TypeError or ValueError
         naming it. A NumPy scalar counts as the Python number; seed is any integer, taken
@@ -202,33 +303,49 @@ class StableDiffusion(nn.Module):
         arguments.check_hooks(callback, progress)
         plan = self._plan(steps, sampler, schedule, cfg_scale, eta, output_type)
         h, w = self._latent_size(height, width)
+        size = self._image_size(h, w)
+        own, refiner_options = _split_conditioning(self, refiner, conditioning)
+        inputs = self._conditioning_inputs("txt2img", own, *size)
+        handoff = None
+        if refiner is not None:
+            handoff = Handoff.check(self, refiner, refiner_start)
+            refiner_inputs = refiner._conditioning_inputs("txt2img", refiner_options, *size)
         self._check_memory(prompt, num_images, (h, w))
-        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images)
+        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images,
+                                          **inputs)
+        if handoff is not None:
+            handoff = handoff.conditioned(*refiner.encode_prompt(
+                prompt, negative_prompt, num_images=num_images, **refiner_inputs))
         batch = len(cond["context"])
         generators = _generators(seed, generator, batch)
         x = self._initial_noise(latents, (batch, self.unet.config.out_channels, h, w), generators)
-        z = self.denoise(x, cond, uncond, plan.timesteps, **plan.options(generators, callback,
-                                                                         progress))
+        z = self.denoise(x, cond, uncond, plan.timesteps, refiner=handoff,
+                         **plan.options(generators, callback, progress))
         return self._output(z, output_type)
 
     @torch.inference_mode()
     def img2img(self, image, prompt, *, strength=0.75, negative_prompt="", steps=None,
                 sampler=None, schedule=None, cfg_scale=None, num_images=1, seed=None,
-                generator=None, eta=0.0, output_type="pil", callback=None, progress=None):
+                generator=None, eta=0.0, output_type="pil", callback=None, progress=None,
+                **conditioning):
         """Re-imagine `image` (PIL, list, or (B, 3, H, W) in [-1, 1]) following `prompt`.
 
         strength in (0, 1]: the share of the `steps` schedule that is re-run; the image is
-        noised to the first of those steps, then denoised to the end. The other arguments as
-        in txt2img. Any PIL mode is read (16-bit and float grey on their own scale; alpha
-        composited on white): see `ldm.images`.
+        noised to the first of those steps, then denoised to the end (an SDXL refiner
+        refining a finished image: a low strength, sgm's demo uses 0.15). The other
+        arguments as in txt2img. Any PIL mode is read (16-bit and float grey on their own
+        scale; alpha composited on white): see `ldm.images`.
         """
         strength, seed = arguments.check_strength(strength), arguments.check_seed(seed)
         arguments.check_hooks(callback, progress)
         self._require_plain_unet("img2img")
         plan = self._plan(steps, sampler, schedule, cfg_scale, eta, output_type)
-        self._check_memory(prompt, num_images, self._latent_size(*image_shape(image)[1:]))
+        size = self._latent_size(*image_shape(image)[1:])
+        inputs = self._conditioning_inputs("img2img", conditioning, *self._image_size(*size))
+        self._check_memory(prompt, num_images, size)
         pixels = to_tensor(image)
-        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images)
+        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images,
+                                          **inputs)
         batch = len(cond["context"])
         generators = _generators(seed, generator, batch)
         z0 = self.encode_image(_batch(pixels, batch, "image"), generators)
@@ -244,7 +361,7 @@ class StableDiffusion(nn.Module):
     @torch.inference_mode()
     def inpaint(self, image, mask, prompt, *, negative_prompt="", steps=None, sampler=None,
                 schedule=None, cfg_scale=None, num_images=1, seed=None, generator=None, eta=0.0,
-                output_type="pil", callback=None, progress=None):
+                output_type="pil", callback=None, progress=None, **conditioning):
         """Repaint the white part of `mask` in `image` following `prompt`.
 
         With an inpainting checkpoint (9 input channels) the U-Net sees the mask and the
@@ -261,9 +378,11 @@ class StableDiffusion(nn.Module):
             raise ValueError(f"mask size {tuple(mask_size)} differs from image size "
                              f"{tuple(image_size)}")
         size = self._latent_size(*image_size)
+        inputs = self._conditioning_inputs("inpaint", conditioning, *self._image_size(*size))
         self._check_memory(prompt, num_images, size)
         pixels, repaint = to_tensor(image), mask_to_tensor(mask)
-        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images)
+        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images,
+                                          **inputs)
         batch = len(cond["context"])
         generators = _generators(seed, generator, batch)
         pixels, repaint = _batch(pixels, batch, "image"), _batch(repaint, batch, "mask")
@@ -322,6 +441,11 @@ class StableDiffusion(nn.Module):
                 raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
         return height // factor, width // factor
 
+    def _image_size(self, h, w):
+        """Pixel (height, width) of a latent of size h × w."""
+        factor = self.vae.config.downsampling_factor
+        return h * factor, w * factor
+
     def _check_memory(self, prompt, num_images, size):
         """Refuse (ValueError), before anything is allocated, a request for len(prompt) ·
         num_images images of latent `size` (h, w) needing more memory than `memory_limit`
@@ -360,6 +484,62 @@ class StableDiffusion(nn.Module):
                                        self.alphas_cumprod)
             return mask * x + (1 - mask) * known
         return blend
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """SDXL's "ensemble of experts": `pipe` (the refiner) predicts the noise at every step whose
+    timestep lies below `boundary`, with its own conditioning; the base model all before.
+
+    As diffusers' denoising_end / denoising_start = f: the refiner takes t < (1 − f) · T.
+    """
+    pipe: "StableDiffusion"
+    boundary: float
+    cond: dict | None = None
+    uncond: dict | None = None
+
+    @classmethod
+    def check(cls, base, refiner, start):
+        """A Handoff to `refiner` at the share `start` in (0, 1) of the schedule, once the two
+        models are known to share a latent space."""
+        if not isinstance(refiner, StableDiffusion):
+            raise TypeError(f"refiner must be a loaded model (ldm.load(...)), got "
+                            f"{type(refiner).__name__}")
+        start = arguments.check_float("refiner_start", start, 0, 1, low_open=True,
+                                      why="the share of the schedule the base model runs")
+        if (refiner.config.scale_factor != base.config.scale_factor
+                or refiner.config.vae != base.config.vae
+                or refiner.unet.config.out_channels != base.unet.config.out_channels):
+            raise ValueError("refiner must share the base model's latent space (the same VAE "
+                             "and scale factor), as SDXL's base and refiner do")
+        return cls(refiner, (1 - start) * len(base.alphas_cumprod))
+
+    def conditioned(self, cond, uncond):
+        return Handoff(self.pipe, self.boundary, cond, uncond)
+
+    def experts(self, base_eps, cfg_scale):
+        """eps_fn(x, t): the base's `base_eps` at t ≥ boundary, the refiner's below."""
+        refiner_eps = self.pipe._guided(self.cond, self.uncond, cfg_scale)
+
+        def eps_fn(x, t):
+            return (base_eps if float(t[0]) >= self.boundary else refiner_eps)(x, t)
+        return eps_fn
+
+
+def _split_conditioning(base, refiner, options):
+    """A task's **conditioning split between the base and a refiner: each takes the keys its
+    encode_prompt knows (SDXL base: sizes; refiner: sizes and aesthetic scores); without a
+    refiner, all go to the base."""
+    if refiner is None:
+        return options, {}
+    base_keys = getattr(base, "conditioning_keys", frozenset())
+    refiner_keys = getattr(refiner, "conditioning_keys", frozenset())
+    unknown = set(options) - base_keys - refiner_keys
+    if unknown:
+        raise TypeError("txt2img() got unexpected keyword argument(s) "
+                        f"{', '.join(sorted(unknown))}")
+    return ({k: v for k, v in options.items() if k in base_keys},
+            {k: v for k, v in options.items() if k in refiner_keys})
 
 
 @dataclass(frozen=True)
