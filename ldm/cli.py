@@ -86,14 +86,34 @@ def build_parser():
             sub.add_argument("--height", type=int, help="image height, a multiple of 8 "
                              "(default: the model's native size)")
             sub.add_argument("--width", type=int, help="image width, a multiple of 8")
+            sub.add_argument("--refiner", type=Path, help="an SDXL refiner checkpoint "
+                             "(sd_xl_refiner_1.0.safetensors) that takes over the last steps")
+            sub.add_argument("--refiner-start", type=float, default=0.8, help="the share of "
+                             "the steps the base model runs before the refiner (default 0.8)")
         _add_common(sub)
+    from ldm import generate  # here, not at the top: ldm.generate imports this module
+    generate.add_arguments(commands.add_parser(
+        "generate", help="generate images for every prompt of a file (torchrun: in parallel)",
+        description=generate.DESCRIPTION))
     return parser
 
 
 def _add_common(sub):
     sub.add_argument("--negative-prompt", default="", help="what to steer away from")
-    sub.add_argument("--ckpt", type=Path, help="a .safetensors or .ckpt Stable Diffusion 1.x "
-                     f"or 2.x checkpoint (default: {DEFAULT_CHECKPOINT.name}, shipped with ldm)")
+    sub.add_argument("--ckpt", type=Path, help="a .safetensors or .ckpt Stable Diffusion 1.x, "
+                     f"2.x or SDXL checkpoint (default: {DEFAULT_CHECKPOINT.name}, shipped "
+                     "with ldm)")
+    sub.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
+                     help="a1111 (default): (word:1.2), [word], BREAK as AUTOMATIC1111 reads "
+                     "them; plain: the prompt literally")
+    sub.add_argument("--emphasis", choices=("original", "no_norm", "comfy"), default="original",
+                     help="how prompt weights apply: A1111's original (default), no_norm, or "
+                     "ComfyUI's")
+    sub.add_argument("--clip-skip", type=int, help="A1111's CLIP skip (SD 1.x): 2 takes the "
+                     "text encoder's penultimate layer")
+    sub.add_argument("--embedding", type=Path, action="append", default=[], metavar="FILE",
+                     help="a textual-inversion embedding (.pt, .safetensors, .bin), its file "
+                     "name the trigger word; repeat for more")
     sub.add_argument("--config", choices=PRESETS, help="the model preset, instead of telling it "
                      "from the file (e.g. sd21-base for an SD 2 512 ε-model whose file name "
                      "does not say 512 or base)")
@@ -165,10 +185,17 @@ def main(argv=None):
 
 def execute(args):
     """Check the command line, load the model, generate, write the PNGs (printing each path)."""
+    if args.command == "generate":
+        from ldm import generate
+        return generate.execute(args)
     inputs = check(args)
     default_dtype = "float16" if args.device.startswith("cuda") else "float32"
     dtype = getattr(torch, args.dtype or default_dtype)
     pipe = load(args.ckpt, device=args.device, dtype=dtype, config=args.config)
+    for path in args.embedding:
+        pipe.load_embedding(path)
+    if getattr(args, "refiner", None) is not None:
+        inputs["refiner"] = load(args.refiner, device=args.device, dtype=dtype)
     seed = args.seed if args.seed is not None else int(torch.randint(2**31, ()))
     images = _generate(pipe, args, seed, inputs)
     info = _parameters(pipe, args, images[0].size)
@@ -182,9 +209,15 @@ def _generate(pipe, args, seed, inputs):
     common = dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
                   schedule=args.schedule, cfg_scale=args.cfg_scale, seed=seed,
                   num_images=args.num_images, eta=args.eta,
-                  progress=False if args.no_progress else None)
+                  progress=False if args.no_progress else None,
+                  prompt_syntax=args.prompt_syntax, emphasis=args.emphasis)
+    if args.clip_skip is not None:
+        common["clip_skip"] = args.clip_skip
     if args.command == "txt2img":
-        return pipe.txt2img(args.prompt, height=args.height, width=args.width, **common)
+        refiner = dict(refiner=inputs["refiner"], refiner_start=args.refiner_start) \
+            if "refiner" in inputs else {}
+        return pipe.txt2img(args.prompt, height=args.height, width=args.width, **refiner,
+                            **common)
     if args.command == "img2img":
         return pipe.img2img(inputs["image"], args.prompt, strength=args.strength, **common)
     return pipe.inpaint(inputs["image"], inputs["mask"], args.prompt, **common)
@@ -200,8 +233,11 @@ def check(args):
     _check_values(args)
     _check_sampling(args)
     _check_device(args.device)
-    if args.ckpt is not None:
-        _check_readable("--ckpt", args.ckpt)
+    for flag in ("ckpt", "refiner"):
+        if getattr(args, flag, None) is not None:
+            _check_readable(f"--{flag}", getattr(args, flag))
+    for path in args.embedding:
+        _check_readable("--embedding", path)
     inputs = {name: _open_image(f"--{name}", getattr(args, name))
               for name in ("image", "mask") if getattr(args, name, None) is not None}
     check_out(args.out)
@@ -213,6 +249,11 @@ def _check_values(args):
         raise UsageError(f"argument --num-images: must be at least 1, got {args.num_images}")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"argument --steps: must be at least 1, got {args.steps}")
+    if args.clip_skip is not None and args.clip_skip < 1:
+        raise UsageError(f"argument --clip-skip: must be at least 1, got {args.clip_skip}")
+    start = getattr(args, "refiner_start", None)
+    if start is not None and not 0 < start <= 1:
+        raise UsageError(f"argument --refiner-start: must be in (0, 1], got {start}")
     for name in ("height", "width"):
         value = getattr(args, name, None)
         if value is not None and (value <= 0 or value % SIZE_MULTIPLE):
@@ -325,7 +366,11 @@ def _parameters(pipe, args, size):
         "sampler": sampler.name, "schedule": schedule, "steps": str(args.steps or sampling.steps),
         "cfg_scale": str(args.cfg_scale if args.cfg_scale is not None else sampling.cfg_scale),
         "size": f"{size[0]}x{size[1]}", "model": ckpt.name, "model_sha256": _sha256(ckpt),
-        "command": args.command,
+        "command": args.command, "prompt_syntax": args.prompt_syntax, "emphasis": args.emphasis,
+        **({"clip_skip": str(args.clip_skip)} if args.clip_skip is not None else {}),
+        **({"refiner": args.refiner.name, "refiner_start": str(args.refiner_start)}
+           if getattr(args, "refiner", None) is not None else {}),
+        **({"embeddings": ", ".join(p.name for p in args.embedding)} if args.embedding else {}),
     }
 
 
@@ -337,8 +382,20 @@ def _with_seed(info, seed, index):
                   f"Steps: {info['steps']}, Sampler: {a1111_sampler}, "
                   + (f"Schedule type: {a1111_schedule}, " if a1111_schedule else "")
                   + f"CFG scale: {info['cfg_scale']}, Seed: {seed}, Size: {info['size']}, "
-                  f"Model hash: {info['model_sha256'][:10]}, Model: {info['model']}")
+                  f"Model hash: {info['model_sha256'][:10]}, Model: {info['model']}"
+                  + (f", Clip skip: {info['clip_skip']}" if "clip_skip" in info else "")
+                  + (f", Refiner: {info['refiner']}, Refiner switch at: {info['refiner_start']}"
+                     if "refiner" in info else "")
+                  + _a1111_emphasis(info))
     return {**info, "seed": str(seed), "image_index": str(index), "parameters": parameters}
+
+
+def _a1111_emphasis(info):
+    """A1111's "Emphasis:" entry, written when not its default ("Original"); ComfyUI's
+    interpolation has no A1111 name, and stays in the "emphasis" chunk only."""
+    if info["prompt_syntax"] == "plain":
+        return ", Emphasis: None"
+    return ", Emphasis: No norm" if info["emphasis"] == "no_norm" else ""
 
 
 def _sha256(path):

@@ -49,6 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ldm import checkpoint
 from ldm.data import shapes
 from ldm.loader import load
+from ldm.models.vae import DiagonalGaussian
 from ldm.pipeline import StableDiffusion
 
 log = logging.getLogger(__name__)
@@ -244,27 +245,32 @@ class _Trainer:
         per_rank = batch_size // self.world
         return generator, batch, slice(self.rank * per_rank, (self.rank + 1) * per_rank)
 
-    def _latent_shape(self, images):
+    def _latent_shape(self, batch):
         vae = self.state.pipe.vae.config
-        factor = vae.downsampling_factor
+        if getattr(batch, "latents", None) is not None:  # cached posterior moments (B, 2z, h, w)
+            return (batch.latents.shape[0], vae.z_channels, *batch.latents.shape[2:])
+        images, factor = batch.images, vae.downsampling_factor
         return (images.shape[0], vae.z_channels, images.shape[2] // factor, images.shape[3] // factor)
 
     def _autoencoder_inputs(self, step):
         generator, batch, mine = self._batch(step, self.config.vae_batch)
-        noise = torch.randn(self._latent_shape(batch.images), generator=generator)
+        noise = torch.randn(self._latent_shape(batch), generator=generator)
         return _channels_last(batch.images[mine]), noise[mine]
 
     def _diffusion_inputs(self, step):
         c, pipe = self.config, self.state.pipe
         generator, batch, mine = self._batch(step, c.batch)
-        shape = self._latent_shape(batch.images)
+        shape = self._latent_shape(batch)
         dropped = torch.rand(c.batch, generator=generator) < c.uncond_prob
         t = torch.randint(0, len(pipe.alphas_cumprod), (c.batch,), generator=generator)
         noise = torch.randn(shape, generator=generator)
         posterior_noise = torch.randn(shape, generator=generator)
         captions = ["" if drop else text for drop, text in zip(dropped.tolist(), batch.captions)]
         with torch.no_grad():
-            posterior = pipe.vae.encode(_channels_last(batch.images[mine]))
+            if getattr(batch, "latents", None) is not None:  # from a LatentCache.for_vae
+                posterior = DiagonalGaussian(batch.latents[mine])
+            else:
+                posterior = pipe.vae.encode(_channels_last(batch.images[mine]))
             latents = posterior.sample(noise=posterior_noise[mine]) * pipe.scale_factor
         return latents, pipe.tokenizer(captions[mine]), t[mine], _channels_last(noise[mine])
 
