@@ -263,11 +263,11 @@ KEY_ENDINGS = [
 # The parts that make each kind of update; a module with none of these is not understood.
 KINDS = {"lora": {"down", "up"}, "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},
          "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"}}
-# diffusers' old attention-processor names (`attn1.processor.to_out_lora.up.weight`).
-OLD_DIFFUSERS_NAMES = {".processor.": ".", "attn1.to_out": "attn1.to_out.0",
-                       "attn2.to_out": "attn2.to_out.0", "self_attn.to_q": "self_attn.q_proj",
-                       "self_attn.to_k": "self_attn.k_proj", "self_attn.to_v": "self_attn.v_proj",
-                       "self_attn.to_out": "self_attn.out_proj"}
+# diffusers' old attention-processor names (`attn1.processor.to_out_lora.up.weight`, text
+# `self_attn.to_q_lora…`) as module paths: (pattern, replacement).
+OLD_DIFFUSERS_NAMES = [(r"\.processor\.", "."), (r"(attn[12])\.to_out$", r"\1.to_out.0"),
+                       (r"self_attn\.to_([qkv])$", r"self_attn.\1_proj"),
+                       (r"self_attn\.to_out$", "self_attn.out_proj")]
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LoraConfig kwargs, "unet.lora_alpha", …
 
 
@@ -329,10 +329,9 @@ def _split_key(key):
         if key.endswith(ending):
             module = key[: -len(ending)]
             if part.startswith("old_"):  # attn1.processor.to_q_lora.down.weight
-                part = part[4:]
-                for old, new in OLD_DIFFUSERS_NAMES.items():
-                    module = module.replace(old, new) if old.startswith(".") else (
-                        module[: -len(old)] + new if module.endswith(old) else module)
+                part = part.removeprefix("old_")
+                for pattern, new in OLD_DIFFUSERS_NAMES:
+                    module = re.sub(pattern, new, module)
             return module, part
     return None, None
 

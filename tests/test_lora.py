@@ -810,3 +810,20 @@ def test_lycoris_file_loads_by_kohya_names(small_pipe, tmp_path):
         assert torch.allclose(after[ours] - before[ours], 0.5 * delta, atol=1e-6), ours
     assert sum(not torch.equal(after[k], before[k]) for k in before) == len(chosen)
     lora.unload_loras(small_pipe)
+
+
+def test_old_diffusers_processor_names(small_pipe):
+    """diffusers' pre-PEFT files: `…attn1.processor.to_out_lora.down.weight`, text
+    `…self_attn.to_q_lora.up.weight` (state_dict_utils' UNET_TO_DIFFUSERS table)."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    unet = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora"
+    text = "text_encoder.text_model.encoder.layers.1.self_attn.to_q_lora"
+    tensors = {f"{unet}.down.weight": torch.randn(2, 32, generator=g),
+               f"{unet}.up.weight": torch.randn(32, 2, generator=g),
+               f"{text}.down.weight": torch.randn(2, 32, generator=g),
+               f"{text}.up.weight": torch.randn(32, 2, generator=g)}
+    loaded = lora.load_lora(small_pipe, tensors)
+    assert sorted(map(str, loaded.targets)) == [
+        "text_encoder.encoder.layers.1.self_attn.q_proj.weight",
+        "unet.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight"]
+    lora.unload_loras(small_pipe)
