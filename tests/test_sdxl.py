@@ -195,3 +195,21 @@ def test_fp16_vae_overflow_is_decoded_again_in_float32(base):
         vae.float()
         with torch.no_grad():
             vae.decoder.conv_in.weight.div_(3000.0)
+
+
+def test_the_command_line_makes_an_sdxl_png_with_its_parameters(base, refiner, tmp_path):
+    from PIL import Image
+
+    from ldm import cli
+    ldm.save(base, tmp_path / "base.safetensors")
+    ldm.save(refiner, tmp_path / "refiner.safetensors")
+    out = tmp_path / "xl.png"
+    cli.main(["txt2img", "a (red:1.2) circle", "--ckpt", str(tmp_path / "base.safetensors"),
+              "--refiner", str(tmp_path / "refiner.safetensors"), "--refiner-start", "0.5",
+              "--steps", "2", "--seed", "7", "--out", str(out), "--no-progress"])
+    with Image.open(out) as image:
+        assert image.size == (32, 32)
+        parameters = image.text["parameters"]
+    assert parameters.startswith("a (red:1.2) circle\n")
+    assert "Seed: 7" in parameters and "Size: 32x32" in parameters
+    assert "Refiner: refiner.safetensors, Refiner switch at: 0.5" in parameters
