@@ -360,6 +360,10 @@ def _peft_config(metadata):
 
 
 def _adapter(path, module, tensors, peft):
+    for part, tensor in tensors.items():
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise LoRAError(path, f"{module}'s {part} holds {tensor.dtype} values that are not "
+                                  "all finite numbers")
     if "dora_scale" in tensors:
         raise LoRAError(path, f"{module} is a DoRA layer (dora_scale), which ldm does not merge")
     kinds = [kind for kind, needs in KINDS.items() if needs & tensors.keys()]
@@ -549,7 +553,7 @@ def loaded_loras(pipe):
 
 
 def _networks(pipe):
-    return pipe.networks() if hasattr(pipe, "networks") else pipe
+    return pipe.networks()  # {"unet": …, "text_encoder": …, …}
 
 
 def _state(pipe):

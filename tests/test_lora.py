@@ -514,10 +514,13 @@ def test_sdxl_text_encoder_2_keys_on_sd15(small_pipe, tmp_path):
       "lora_unet_x.dora_scale": (8, 1)}, r"DoRA"),
     ({"model.diffusion_model.input_blocks.0.0.weight": (4, 4)}, r"no LoRA part"),
     ({"lora_unet_x.diff": (4, 4)}, r"no LoRA part.*lora_unet_x\.diff"),
+    ({"lora_unet_x.lora_down.weight": (4, 8), "lora_unet_x.lora_up.weight": (8, 4),
+      "lora_unet_x.alpha": ()}, r"lora_unet_x's alpha holds .* not all finite"),
 ])
 def test_broken_files(small_pipe, tmp_path, keys, problem):
     path = tmp_path / "broken.safetensors"
-    save_file({k: torch.zeros(shape) for k, shape in keys.items()}, str(path))
+    save_file({k: torch.zeros(shape) if shape else torch.tensor(math.nan)
+               for k, shape in keys.items()}, str(path))
     with pytest.raises(lora.LoRAError, match=rf"broken\.safetensors.*{problem}"):
         lora.load_lora(small_pipe, path)
 
