@@ -111,6 +111,9 @@ def _add_common(sub):
                      "ComfyUI's")
     sub.add_argument("--clip-skip", type=int, help="A1111's CLIP skip (SD 1.x): 2 takes the "
                      "text encoder's penultimate layer")
+    sub.add_argument("--lora", type=_lora_argument, action="append", default=[],
+                     metavar="FILE[:MULT]", help="a LoRA (kohya/A1111, diffusers, LyCORIS) merged "
+                     "with multiplier MULT (default 1); repeat for more")
     sub.add_argument("--embedding", type=Path, action="append", default=[], metavar="FILE",
                      help="a textual-inversion embedding (.pt, .safetensors, .bin), its file "
                      "name the trigger word; repeat for more")
@@ -194,6 +197,7 @@ def execute(args):
     pipe = load(args.ckpt, device=args.device, dtype=dtype, config=args.config)
     for path in args.embedding:
         pipe.load_embedding(path)
+    args.loaded_loras = [pipe.load_lora(path, multiplier) for path, multiplier in args.lora]
     if getattr(args, "refiner", None) is not None:
         inputs["refiner"] = load(args.refiner, device=args.device, dtype=dtype)
     seed = args.seed if args.seed is not None else int(torch.randint(2**31, ()))
@@ -238,6 +242,8 @@ def check(args):
             _check_readable(f"--{flag}", getattr(args, flag))
     for path in args.embedding:
         _check_readable("--embedding", path)
+    for path, _ in args.lora:
+        _check_readable("--lora", path)
     inputs = {name: _open_image(f"--{name}", getattr(args, name))
               for name in ("image", "mask") if getattr(args, name, None) is not None}
     check_out(args.out)
@@ -274,6 +280,16 @@ def _check_values(args):
                 check_value(value)
             except ValueError as e:
                 raise UsageError(f"argument {flag}: {e}") from e
+
+
+def _lora_argument(text):
+    """FILE[:MULT] -> (Path, float): split at the last ":" only when a number follows, so that
+    a path with a colon (a Windows drive) stays whole."""
+    path, _, multiplier = text.rpartition(":")
+    try:
+        return (Path(path), float(multiplier)) if path else (Path(text), 1.0)
+    except ValueError:
+        return Path(text), 1.0
 
 
 def _check_sampling(args):
@@ -371,6 +387,9 @@ def _parameters(pipe, args, size):
         **({"refiner": args.refiner.name, "refiner_start": str(args.refiner_start)}
            if getattr(args, "refiner", None) is not None else {}),
         **({"embeddings": ", ".join(p.name for p in args.embedding)} if args.embedding else {}),
+        **({"loras": ", ".join(f"{item.name}:{item.multiplier:g}" for item in args.loaded_loras),
+            "lora_hashes": ", ".join(f"{item.name}: {item.hash}" for item in args.loaded_loras)}
+           if getattr(args, "loaded_loras", None) else {}),
     }
 
 
@@ -378,7 +397,10 @@ def _with_seed(info, seed, index):
     """One image's text chunks: its own seed, and the "parameters" summary A1111 writes (its
     sampler and schedule names, so A1111's PNG Info and `samplers.from_a1111` read it)."""
     a1111_sampler, a1111_schedule = a1111_names(SAMPLERS[info["sampler"]], info["schedule"])
-    parameters = (f"{info['prompt']}\nNegative prompt: {info['negative_prompt']}\n"
+    # A1111 writes a LoRA as a tag in the prompt, <lora:name:multiplier>, with its hash below
+    tags = "".join(f" <lora:{entry}>" for entry in info["loras"].split(", ")) \
+        if "loras" in info else ""
+    parameters = (f"{info['prompt']}{tags}\nNegative prompt: {info['negative_prompt']}\n"
                   f"Steps: {info['steps']}, Sampler: {a1111_sampler}, "
                   + (f"Schedule type: {a1111_schedule}, " if a1111_schedule else "")
                   + f"CFG scale: {info['cfg_scale']}, Seed: {seed}, Size: {info['size']}, "
@@ -386,7 +408,8 @@ def _with_seed(info, seed, index):
                   + (f", Clip skip: {info['clip_skip']}" if "clip_skip" in info else "")
                   + (f", Refiner: {info['refiner']}, Refiner switch at: {info['refiner_start']}"
                      if "refiner" in info else "")
-                  + _a1111_emphasis(info))
+                  + _a1111_emphasis(info)
+                  + (f', Lora hashes: "{info["lora_hashes"]}"' if "lora_hashes" in info else ""))
     return {**info, "seed": str(seed), "image_index": str(index), "parameters": parameters}
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm import arguments, embeddings, samplers
+from ldm import arguments, embeddings, lora, samplers
 from ldm import prompts as prompt_lib  # not `prompts`: the methods' locals use that name
 from ldm import schedule as noise_schedule
 from ldm.config import ModelConfig
@@ -176,6 +176,27 @@ class StableDiffusion(nn.Module):
         self.embeddings[embedding.token] = {attribute: vectors[key]
                                             for attribute, key in keys.items()}
         return embedding
+
+    # ---------------------------------------------------------------- LoRA
+    def load_lora(self, path, multiplier=1.0, *, text_multiplier=None, strict=True):
+        """Merge a LoRA file (kohya/A1111, diffusers/PEFT, LyCORIS) into the weights with
+        `multiplier` (A1111's `<lora:name:m>`; `text_multiplier`: the text encoders', default
+        the same). Undone exactly by `unload_lora`; see `ldm.lora`. Returns the `lora.Loaded`."""
+        return lora.load_lora(self, path, multiplier, text_multiplier=text_multiplier,
+                              strict=strict)
+
+    def unload_lora(self, loaded):
+        """Take one loaded LoRA out: the weights become those of the others alone."""
+        lora.unload_lora(self, loaded)
+
+    def unload_loras(self):
+        """Take every LoRA out: the weights are bit for bit those loaded from the file."""
+        lora.unload_loras(self)
+
+    @property
+    def loras(self):
+        """The LoRAs merged now, in the order they were loaded."""
+        return lora.loaded_loras(self)
 
     def _embedding_vectors(self, attribute):
         """{trigger: (n, D) vectors} for the text encoder `attribute`, in its dtype."""
