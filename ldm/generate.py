@@ -23,7 +23,7 @@ must give its own seed, or its seeds would run into the next prompt's.
 
 Files: DIR/{k:06d}-{i:03d}.png, each carrying its record (below) as the PNG text "ldm_generate"
 and AUTOMATIC1111's "parameters" line. A PNG is written to a temporary file and renamed into
-place (ldm.cli.write_png), so it is complete or absent.
+place (ldm.outputs.write_png), so it is complete or absent.
 
 Restart: an image whose file is there with the same record is skipped, so a run interrupted and
 started again ends with the set an uninterrupted one makes. A file there with another record
@@ -66,7 +66,7 @@ from PIL import Image
 
 from ldm import arguments, samplers
 from ldm.checkpoint import CheckpointError
-from ldm.cli import remove_stale_temporaries, write_png
+from ldm.outputs import remove_stale_temporaries, write_png
 from ldm.config import PRESETS
 from ldm.loader import DEFAULT_CHECKPOINT, load
 from ldm.samplers.registry import a1111_names, sampler_names

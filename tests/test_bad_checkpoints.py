@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 import ldm
 from ldm import checkpoint
 from ldm.config import TINY_SHAPES, ConfigError, ModelConfig
+from ldm.models.unet import UNetConfig
 from ldm.pipeline import StableDiffusion
 
 UNET_OUT = "model.diffusion_model.out.2.weight"
@@ -244,7 +245,7 @@ BAD_FIELDS = [  # (field, value) -> the field named in the error, and how
     ("text.heads", 0, "must be positive"),
     ("text.heads", 3, "3 does not divide the 64 channels of text.width"),
     ("text.eps", None, "must be float"),
-    ("text_encoder", "t5", "must be one of ['clip', 'open_clip']"),
+    ("text_encoder", "t5", "must be one of ['clip', 'open_clip', 'sdxl', 'sdxl-refiner']"),
     ("prediction", "x0", "must be 'eps' or 'v', got 'x0'"),
     ("scale_factor", -1.0, "must be positive"),
     ("scale_factor", 10**400, "must be float"),
@@ -285,10 +286,13 @@ def test_a_config_pickled_as_no_string_is_named(shipped, tmp_path):
 
 
 def test_the_shipped_config_lacks_only_the_added_fields(shipped):
-    """Files written before text_encoder and prediction existed (the shipped one) still load,
-    as what they meant; no other field may be missing."""
+    """Files written before text_encoder, prediction and SDXL's fields existed (the shipped one)
+    still load, as what they meant; no other field may be missing."""
     raw = json.loads(shipped[1])
-    assert set(ModelConfig.__dataclass_fields__) - set(raw) == {"text_encoder", "prediction"}
+    assert set(ModelConfig.__dataclass_fields__) - set(raw) == {"text_encoder", "prediction",
+                                                                "text_2"}
+    assert set(UNetConfig.__dataclass_fields__) - set(raw["unet"]) == {
+        "middle_transformer_depth", "adm_in_channels"}
     # TINY_SHAPES keeps the scale factor of the architecture before training measured it
     assert ModelConfig.from_json(shipped[1]) == \
         dataclasses.replace(TINY_SHAPES, scale_factor=raw["scale_factor"])
