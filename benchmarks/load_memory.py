@@ -1,9 +1,10 @@
-"""Peak memory and time of `ldm.load` on a full-size SD 1.5 checkpoint (random weights).
+"""Peak memory and time of `ldm.load` on a full-size checkpoint (random weights).
 
-    python benchmarks/load_memory.py [--ckpt FILE] [--mmap]
+    python benchmarks/load_memory.py [--ckpt FILE | --manifest sdxl_base] [--mmap]
 
-Without --ckpt, writes a random checkpoint with the exact tensor set of v1-5-pruned-emaonly
-(from tests/data/manifests) to a temporary folder first. Each load runs in a fresh process, and
+Without --ckpt, writes a random checkpoint with the exact tensor set of a release (a manifest of
+tests/data/manifests: sd15_emaonly, the default, or sdxl_base, sdxl_refiner, …; their dtypes
+kept: SDXL's files are float16) to a temporary folder first. Each load runs in a fresh process, and
 its peak anonymous memory (what it allocated) and peak resident memory (which also counts the
 file's mapped pages) are compared with the size of the weights.
 """
@@ -18,8 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-MANIFEST = Path(__file__).resolve().parents[1] / "tests/data/manifests/sd15_emaonly.tsv"
-DTYPES = {"F32": torch.float32, "I64": torch.int64, "I32": torch.int32}
+MANIFESTS = Path(__file__).resolve().parents[1] / "tests/data/manifests"
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "I64": torch.int64, "I32": torch.int32}
 
 MEASURE = """
 import json, resource, sys, threading, time, torch, ldm
@@ -45,9 +46,9 @@ print(json.dumps({"seconds": seconds, "peak_rss": peak, "peak_anon": peak_anon[0
 """
 
 
-def write_random_checkpoint(path):
+def write_random_checkpoint(path, manifest):
     tensors = {}
-    for line in MANIFEST.read_text().splitlines():
+    for line in (MANIFESTS / f"{manifest}.tsv").read_text().splitlines():
         name, shape, dtype = line.split("\t")
         shape = tuple(int(n) for n in shape.split(",")) if shape else ()
         tensors[name] = (torch.randn(shape) * 0.02).to(DTYPES[dtype])
@@ -64,20 +65,23 @@ def measure(path, dtype, mmap):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", type=Path)
+    parser.add_argument("--manifest", default="sd15_emaonly",
+                        help="the release whose tensor set the random file has")
     parser.add_argument("--mmap", action="store_true", help="ldm.load(..., mmap=True)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         path = args.ckpt
         if path is None:
-            path = Path(folder) / "sd15-random.safetensors"
-            write_random_checkpoint(path)
+            path = Path(folder) / f"{args.manifest}-random.safetensors"
+            write_random_checkpoint(path, args.manifest)
         size = path.stat().st_size
         print(f"machine: {platform.processor() or platform.machine()}, python "
               f"{platform.python_version()}, torch {torch.__version__}")
         print(f"checkpoint: {path.name}, {size / 2**30:.2f} GiB")
         print(f"{'dtype':<9} {'load s':>7} {'weights GiB':>12} {'peak anon GiB':>14} "
               f"{'peak RSS GiB':>13}")
-        for dtype in ("float32", "float16"):
+        for dtype in args.dtypes:
             r = measure(path, dtype, args.mmap)
             print(f"{dtype:<9} {r['seconds']:>7.1f} {r['weights'] / 2**30:>12.2f} "
                   f"{r['peak_anon'] / 2**30:>14.2f} {r['peak_rss'] / 2**30:>13.2f}")
