@@ -110,12 +110,20 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x):
-        h = self.norm(x)
-        # (B, C, h, w) -> (B, 1, N, C): one head whose tokens are the positions
-        q, k, v = (rearrange(conv(h), "b c h w -> b 1 (h w) c") for conv in (self.q, self.k, self.v))
-        out = self.attend(q, k, v)  # (B, 1, N, C)
+        # q, k, v live only inside this call, so they are freed before proj_out runs: at a
+        # 4096² image (N = 262,144 tokens) each is 0.5 GB in float32.
+        out = self.attend(*self.qkv(self.norm(x)))  # (B, 1, N, C)
         out = rearrange(out, "b 1 (h w) c -> b c h w", h=x.shape[2])  # (B, 1, N, C) -> (B, C, h, w)
         return x + self.proj_out(out)
+
+    def qkv(self, h):
+        """Normalised (B, C, h, w) -> q, k, v, each (B, 1, N, C): one head whose tokens are the
+        positions. Contiguous, not the channel-strided views rearrange makes: given those,
+        scaled_dot_product_attention on the CPU leaves its fused kernel for the math path,
+        which holds all B·N² scores (760 MB at N = 9216 against 23 MB, and 4× slower;
+        benchmarks/vae_tiling.py --attention)."""
+        return tuple(rearrange(conv(h), "b c h w -> b 1 (h w) c").contiguous()
+                     for conv in (self.q, self.k, self.v))
 
     def attend(self, q, k, v):
         """softmax(q kᵀ / √C) v over (B, 1, N, C) tensors; `ldm.attention.override` replaces it."""
