@@ -25,19 +25,23 @@ the activations of every tile up to norm k, computed with the exact statistics o
 1..k-1. Holding all tiles' activations would cost the memory that tiling exists to save,
 so there are two ways, chosen by `exact`:
 
-    exact=True   sweep k runs every tile up to norm k only (the earlier norms' statistics
-                 are known by then) and merges the tile cores' means and variances into
-                 the whole image's (Chan's parallel variance, float64); after one sweep per
-                 norm a last sweep writes the output. Equal to the untiled decode up to
-                 float rounding, in the memory of one tile, at the cost of the sweeps
-                 (about 4-10× the untiled time: see benchmarks/RESULTS.md).
-    exact=False  the statistics of a sample of windows spread over the image (about
-                 `sample` tiles' worth of area), measured in one run: the windows are
-                 stacked along the batch axis and every norm pools them before
-                 normalising, so each later norm sees what it would in an image made of
-                 those windows. Then one sweep writes the output. Seamless and fast, but
-                 the sample's statistics are not the image's: measured differences from the
-                 untiled decode are in benchmarks/RESULTS.md.
+    exact=True   all tiles go through one ResnetBlock (a "piece") before any enters the
+                 next; their activations wait in between. Within a piece, norm k's
+                 statistics come from running every tile up to norm k only (its input
+                 depends on the statistics of earlier norms alone, known by then) and
+                 merging the tiles' cores (Chan's parallel variance, float64). Equal to
+                 the untiled decode up to float rounding. Memory: the waiting activations,
+                 one activation of the whole image at the widest checkpoint (SD: 128
+                 channels at full resolution, 0.5 GB at 1024² in float32, more where crops
+                 overlap), plus one tile. Time: the convolutions before a norm run again to
+                 measure it (measured: benchmarks/RESULTS.md).
+    exact=False  the same, but on a sample of windows spread over the image (`sample`
+                 tiles' worth of crops) instead of all tiles: its activations are what
+                 waits. Then the tiles run one at a time with the sample's statistics.
+                 Memory bounded by `sample` and the tile, whatever the image size, and still
+                 seamless (every tile uses the same statistics), but the sample's statistics
+                 are not the image's: the measured differences from the untiled decode are
+                 in benchmarks/RESULTS.md. An image within the sample's area is all sample.
 
 Only the layers above the latent resolution are tiled. Those at the latent resolution (the
 decoder's conv_in, mid-block and lowest up-level ResnetBlocks; the encoder's lowest
@@ -64,14 +68,15 @@ from ldm.models.vae import DiagonalGaussian, _check_input
 
 # --------------------------------------------------------------------------- public API
 @torch.no_grad()
-def decode_tiled(vae, z, tile_size, *, exact=True, sample=1.0, halo=None):
+def decode_tiled(vae, z, tile_size, *, exact=True, sample=8.0, halo=None):
     """Raw latents z (B, z_channels, h, w) -> images (B, out_channels, f·h, f·w), as
     `vae.decode(z)` (no 0.18215 scaling here).
 
     tile_size: side of a tile's core in image pixels, a positive multiple of f; the tiles
     are spread evenly, so none exceeds it. None decodes whole.
-    exact: statistics of the whole image (True) or of a sample (False); module docstring.
-    sample: with exact=False, the sample's area in tiles (memory grows with it).
+    exact: GroupNorm statistics of the whole image (True) or of a sample of it (False); see
+    the module docstring. sample: with exact=False, the sample's area, in tiles (more is
+    closer to the image's statistics, and holds more memory).
     halo: context around each tile in image pixels, a multiple of f; None: the receptive
     field of the tiled layers (`decoder_halo`), which makes the tiling exact.
     """
@@ -88,7 +93,7 @@ def decode_tiled(vae, z, tile_size, *, exact=True, sample=1.0, halo=None):
 
 
 @torch.no_grad()
-def encode_tiled(vae, images, tile_size, *, exact=True, sample=1.0, halo=None):
+def encode_tiled(vae, images, tile_size, *, exact=True, sample=8.0, halo=None):
     """Images (B, in_channels, H, W) in [-1, 1] -> DiagonalGaussian over
     (B, z_channels, H/f, W/f), as `vae.encode(images)`; H and W multiples of f.
     tile_size, exact, sample, halo: as in `decode_tiled` (halo default `encoder_halo`)."""
@@ -146,55 +151,76 @@ PEAK_PER_LATENT_ACTIVATION = 6.0
 
 
 def estimate_memory(vae_config, height, width, dtype=torch.float32, *, batch=1, tile_size=None,
-                    encode=False):
+                    exact=True, sample=8.0, encode=False):
     """Estimated peak bytes of activations (weights not counted) to decode to (or, with
-    `encode`, encode) `batch` images of height×width pixels, whole or in tiles of `tile_size`.
+    `encode`, encode) `batch` images of height×width pixels, whole or in tiles of `tile_size`
+    (exact, sample: as for `decode_tiled`).
 
-    The widest activation of the layers above the latent resolution, over the whole image
-    or over one tile and its halo, times PEAK_PER_ACTIVATION; or, if larger, the layers at the
-    latent resolution, which always run whole, times PEAK_PER_LATENT_ACTIVATION; plus the
-    output and the activation handed between the two.
+    The widest activation above the latent resolution, over the whole image or over one
+    tile and its halo, times PEAK_PER_ACTIVATION; or, if larger, the layers at the latent
+    resolution, which always run whole, times PEAK_PER_LATENT_ACTIVATION; plus the output,
+    the activation handed between the two halves, and in tiles the activations that wait
+    between pieces (the crops of all tiles, or of the sample, at the widest checkpoint).
     """
     f, chs = vae_config.downsampling_factor, vae_config.level_channels
     scalar = torch.empty((), dtype=dtype).element_size() * batch  # bytes per pixel and channel
     latent = chs[-1] * (height // f) * (width // f) * scalar
     out = (2 * vae_config.z_channels * (height // f) * (width // f) if encode
            else vae_config.out_channels * height * width) * scalar
+    waiting, run_h, run_w = 0, height, width
     if tile_size is not None:
         halo = (encoder_halo if encode else decoder_halo)(vae_config)
-        height, width = (min(n, tile_size + 2 * halo) for n in (height, width))
-    tiled = _widest(vae_config, encode) * height * width * scalar * PEAK_PER_ACTIVATION
-    return int(max(tiled + latent, latent * PEAK_PER_LATENT_ACTIVATION) + out)
+        run_h, run_w = (min(n, tile_size + 2 * halo) for n in (height, width))
+        crops = math.prod(n + 2 * halo * (math.ceil(n / tile_size) - 1) for n in (height, width))
+        if not exact:  # the sample's crops, unless the sample is the whole image
+            sampled = sample * (tile_size + 2 * halo) ** 2
+            crops = height * width if sampled >= height * width else min(crops, sampled)
+        waiting = _widest(vae_config, encode, checkpoint=True) * crops * scalar
+    running = _widest(vae_config, encode) * run_h * run_w * scalar * PEAK_PER_ACTIVATION
+    return int(max(running + latent + waiting, latent * PEAK_PER_LATENT_ACTIVATION) + out)
 
 
-def _widest(vae_config, encode):
+def _widest(vae_config, encode, checkpoint=False):
     """Channels per full-resolution pixel of the widest activation above the latent
-    resolution: level i runs at 1/2^i of the side (1/4^i of the pixels) with chs[i] channels,
-    and in the decoder the Upsample feeding level i brings chs[i + 1]."""
+    resolution: level i runs at 1/2^i of the side (1/4^i of the pixels) with chs[i]
+    channels, and in the decoder the Upsample feeding level i brings chs[i + 1]. Between
+    pieces (`checkpoint`) only the ResnetBlocks' outputs wait, chs[i] at level i."""
     chs = vae_config.level_channels
     if len(chs) == 1:
         return chs[0]
-    return max((chs[i] if encode else max(chs[i], chs[i + 1])) / 4 ** i
+    return max((chs[i] if encode or checkpoint else max(chs[i], chs[i + 1])) / 4 ** i
                for i in range(len(chs) - 1))
 
 
-def auto_tile_size(vae_config, height, width, dtype, available_bytes, *, batch=1, encode=False):
-    """None if decoding (or encoding) whole is estimated to fit in `available_bytes`, else
-    the largest tile_size (a multiple of 8·f pixels) whose tiled run is estimated to fit.
-    Raises ValueError naming available_bytes when even the smallest tile would not fit (the
-    latent-resolution layers alone are too large)."""
-    if estimate_memory(vae_config, height, width, dtype, batch=batch, encode=encode) \
-            <= available_bytes:
-        return None
+def auto_tiling(vae_config, height, width, dtype, available_bytes, *, batch=1, encode=False):
+    """How to decode (or `encode`) within `available_bytes` of activations, as keyword
+    arguments for `decode_tiled` / `encode_tiled`:
+
+        {"tile_size": None}                               whole fits
+        {"tile_size": t, "exact": True}                   else: the largest t that fits
+        {"tile_size": t, "exact": False, "sample": s}     else: the largest sample s of
+                                                          16, 8, 4, 2, 1, then largest t
+
+    Tile sizes are multiples of 8·f pixels, at least 4 halos where the image allows (smaller
+    tiles spend most of their work on the halo). Raises ValueError naming available_bytes
+    when nothing fits (the latent-resolution layers, which run whole, are too large).
+    """
+    kwargs = dict(batch=batch, encode=encode)
+    if estimate_memory(vae_config, height, width, dtype, **kwargs) <= available_bytes:
+        return {"tile_size": None}
     step = 8 * vae_config.downsampling_factor
-    for tile in range(max(height, width) // step * step, 0, -step):
-        if estimate_memory(vae_config, height, width, dtype, batch=batch, tile_size=tile,
-                           encode=encode) <= available_bytes:
-            return tile
-    need = estimate_memory(vae_config, height, width, dtype, batch=batch, tile_size=step,
-                           encode=encode)
-    raise ValueError(f"available_bytes={available_bytes} is too small for a {height}×{width} "
-                     f"image even in tiles of {step} px: that needs about {need / 2**30:.2f} GiB")
+    smallest = min(4 * (encoder_halo if encode else decoder_halo)(vae_config),
+                   max(height, width) // step * step)
+    tiles = range(max(height, width) // step * step, max(smallest, step) - 1, -step)
+    plans = [{"tile_size": t, "exact": True} for t in tiles] + [
+        {"tile_size": t, "exact": False, "sample": s} for s in (16.0, 8.0, 4.0, 2.0, 1.0)
+        for t in tiles]
+    for plan in plans:
+        if estimate_memory(vae_config, height, width, dtype, **plan, **kwargs) <= available_bytes:
+            return plan
+    raise ValueError(f"available_bytes={available_bytes} is too small for {height}×{width} "
+                     f"images in tiles of at least {smallest} px (memory estimates: "
+                     f"ldm.vae_tiling.estimate_memory)")
 
 
 # --------------------------------------------------------------------------- the two halves
@@ -204,40 +230,46 @@ def _norms(*modules):
 
 def _decoder_stages(vae):
     """(whole, tiled, norms of tiled): the decoder split where the resolution first rises;
-    tiled(whole(z)) is vae.decode(z)."""
+    tiled(whole(z)) is vae.decode(z). `tiled` is a Sequential of pieces, one per ResnetBlock
+    (the Upsample before a level goes with the level's first block, so that what passes
+    between pieces is never an upsampled activation; norm_out and conv_out go with the last)."""
     dec = vae.decoder
-    top, below = dec.up[-1], list(reversed(dec.up[:-1]))  # the levels, in the order they run
-    upsample = getattr(top, "upsample", nn.Identity())    # absent when f = 1
+    top = dec.up[-1]
 
     def whole(z):  # (B, z_channels, h, w) -> (B, C, h, w)
         return top.block(dec.mid(dec.conv_in(vae.post_quant_conv(z))))
 
-    def tiled(h):  # (B, C, h, w) -> (B, out_channels, f·h, f·w)
-        h = upsample(h)
-        for level in below:
-            h = level(h)
-        return dec.conv_out(dec.norm_out(h))
-
-    return whole, tiled, _norms(upsample, *below, dec.norm_out)
+    pieces, pending = [], [getattr(top, "upsample", nn.Identity())]  # no Upsample when f = 1
+    for level in reversed(dec.up[:-1]):  # the levels above the latent resolution, as they run
+        for block in level.block:
+            pieces.append(nn.Sequential(*pending, block))
+            pending = []
+        pending = [getattr(level, "upsample", nn.Identity())]
+    pieces.append(nn.Sequential(*pending, dec.norm_out, dec.conv_out))
+    tiled = nn.Sequential(*pieces)  # (B, C, h, w) -> (B, out_channels, f·h, f·w)
+    return whole, tiled, _norms(tiled)
 
 
 def _encoder_stages(vae):
     """(tiled, whole, norms of tiled): the encoder split where the resolution reaches the
-    latent's; whole(tiled(x)) is quant_conv(encoder(x)), the posterior's moments."""
+    latent's; whole(tiled(x)) is quant_conv(encoder(x)), the posterior's moments. `tiled` is a
+    Sequential of pieces, one per ResnetBlock (conv_in goes with the first, each Downsample
+    with the block before it)."""
     enc = vae.encoder
-    above = list(enc.down[:-1])  # the levels that end in a Downsample
-
-    def tiled(x):  # (B, in_channels, H, W) -> (B, C, h, w)
-        h = enc.conv_in(x)
-        for level in above:
-            h = level(h)
-        return h
+    pieces, pending = [], [enc.conv_in]
+    for level in enc.down[:-1]:  # the levels that end in a Downsample
+        blocks = list(level.block)
+        for block in blocks:
+            after = [level.downsample] if block is blocks[-1] else []
+            pieces.append(nn.Sequential(*pending, block, *after))
+            pending = []
+    tiled = nn.Sequential(*pieces, *pending)  # (B, in_channels, H, W) -> (B, C, h, w)
 
     def whole(h):  # (B, C, h, w) -> (B, 2·z_channels, h, w)
         h = enc.mid(enc.down[-1](h))
         return vae.quant_conv(enc.conv_out(enc.norm_out(h)))
 
-    return tiled, whole, _norms(*above)
+    return tiled, whole, _norms(tiled)
 
 
 # --------------------------------------------------------------------------- tiles
@@ -296,24 +328,22 @@ def _spans(length, grid):
 
 
 def _run_tiled(stage, norms, x, grid, out_channels, exact, sample):
-    """Run `stage` over x tile by tile with shared GroupNorm statistics:
-    x (B, C, in_scale·h, in_scale·w) -> (B, out_channels, out_scale·h, out_scale·w)."""
+    """Run `stage` (a Sequential of pieces) over x tile by tile with shared GroupNorm
+    statistics: x (B, C, in_scale·h, in_scale·w) -> (B, out_channels, out_scale·h, out_scale·w)."""
     h, w = x.shape[-2] // grid.in_scale, x.shape[-1] // grid.in_scale
     tiles = [Window(r, c) for r in _spans(h, grid) for c in _spans(w, grid)]
     if len(tiles) == 1:
         return stage(x)  # the one tile is the whole image, its statistics the image's
     if exact:
-        stats = _exact_statistics(stage, norms, x, tiles, grid.in_scale)
+        _, results = _exact(stage, norms, x, tiles, grid.in_scale)
     else:
-        windows = _sample(h, w, grid.halo, sample * (grid.tile + 2 * grid.halo) ** 2)
-        stats = _pooled_statistics(stage, norms, x, windows, grid.in_scale)
+        windows = _sample(h, w, grid, sample * (grid.tile + 2 * grid.halo) ** 2)
+        stats, _ = _exact(stage, norms, x, windows, grid.in_scale)
+        results = _sweep(stage, norms, stats, x, tiles, grid.in_scale)
     out = x.new_empty(x.shape[0], out_channels, h * grid.out_scale, w * grid.out_scale)
-    with SharedGroupNorm(norms, stats) as shared:
-        for tile in tiles:
-            shared.windows = [tile]
-            y = stage(tile.crop(x, grid.in_scale))
-            out[..., _core(tile.rows, grid.out_scale), _core(tile.cols, grid.out_scale)] = \
-                tile.core_of(y)
+    for tile, y in zip(tiles, results):
+        out[..., _core(tile.rows, grid.out_scale), _core(tile.cols, grid.out_scale)] = \
+            tile.core_of(y)
     return out
 
 
@@ -321,43 +351,51 @@ def _core(span, scale):
     return slice(span.start * scale, span.stop * scale)
 
 
-def _exact_statistics(stage, norms, x, tiles, in_scale):
-    """The whole image's statistics for every norm, norm by norm: sweep k runs each tile only
-    up to norm k (stopping the forward there), whose input depends on norms 1..k-1 alone,
-    known from the earlier sweeps; then merges what the tiles' cores measured."""
-    stats = {}
-    with SharedGroupNorm(norms, stats, stop_at_unknown=True) as shared:
-        for _ in norms:
-            for tile in tiles:
-                shared.windows = [tile]
-                try:
-                    stage(tile.crop(x, in_scale))
-                except _ReachedUnknownNorm:
-                    pass
-            shared.publish()
-    return stats
+def _exact(stage, norms, x, windows, in_scale):
+    """(statistics, outputs): each norm's statistics over the cores of `windows` (the tiles,
+    or a sample), and each window's output crop, computed with them. Piece by piece.
 
-
-def _pooled_statistics(stage, norms, x, windows, in_scale):
-    """Every norm's statistics over the cores of `windows` (crops of one size), in one run:
-    the crops are stacked along the batch axis and each norm pools them before normalising."""
-    stats = {}
-    crops = torch.cat([window.crop(x, in_scale) for window in windows])  # (n·B, C, ., .)
+    All windows go through one piece (a ResnetBlock) before any enters the next; their
+    activations wait in between. A piece's first norm is measured by running every window
+    up to it, then its next norm likewise, and so on: norm k's input depends only on the
+    statistics of the norms before it, known by then. With the piece's statistics known,
+    every window runs the piece to its end.
+    """
+    stats, states = {}, [window.crop(x, in_scale) for window in windows]
     with SharedGroupNorm(norms, stats) as shared:
-        shared.windows = windows
-        stage(crops)
-    return stats
+        for piece in stage:
+            shared.stop_at_unknown = True
+            for _ in _norms(piece):  # measure the piece's norms, in order
+                for window, state in zip(windows, states):
+                    shared.window = window
+                    try:
+                        piece(state)
+                    except _ReachedUnknownNorm:
+                        pass
+                shared.publish()
+            shared.stop_at_unknown = False
+            for i, window in enumerate(windows):  # advance, dropping each input as we go
+                shared.window = window
+                states[i] = piece(states[i])
+    return stats, states
 
 
-def _sample(h, w, halo, area):
-    """Sample windows over an h×w latent: cores of side 2·halo (crops 4·halo, all alike)
-    at jittered places of an even lattice, as many as fit `area` latent pixels² of crops;
-    the whole image if it is that small. Seeded, so an image always gets the same sample."""
-    side = max(2 * halo, 4)
-    crop = side + 2 * halo
-    if h * w <= area or h < crop or w < crop:
+def _sweep(stage, norms, stats, x, tiles, in_scale):
+    """Each tile's output crop, one tile at a time, with the shared statistics `stats`."""
+    with SharedGroupNorm(norms, stats) as shared:
+        for tile in tiles:
+            shared.window = tile
+            yield stage(tile.crop(x, in_scale))
+
+
+def _sample(h, w, grid, area):
+    """Sample windows over an h×w latent for the statistics: cores of side tile/2 (at least
+    2·halo) at jittered places of an even lattice, as many as fit `area` latent pixels² of
+    crops; the whole image if that fits. Seeded, so an image always gets the same sample."""
+    side = max(2 * grid.halo, grid.tile // 2, 1)
+    if h * w <= area or h <= side or w <= side:
         return [Window(Span(0, h, 0, h), Span(0, w, 0, w))]
-    count = max(1, int(area // crop ** 2))
+    count = max(1, int(area // (side + 2 * grid.halo) ** 2))
     ny = max(1, min(h // side, round(math.sqrt(count * h / w))))
     nx = max(1, min(w // side, count // ny))
     generator = torch.Generator().manual_seed(0)
@@ -365,18 +403,16 @@ def _sample(h, w, halo, area):
     for i in range(ny):
         for j in range(nx):
             dy, dx = torch.rand(2, generator=generator).tolist()
-            windows.append(Window(_sample_span(i, ny, h, side, halo, dy),
-                                  _sample_span(j, nx, w, side, halo, dx)))
+            windows.append(Window(_sample_span(i, ny, h, side, grid.halo, dy),
+                                  _sample_span(j, nx, w, side, grid.halo, dx)))
     return windows
 
 
 def _sample_span(i, n, length, side, halo, jitter):
-    """A core of `side` at a jittered place in cell i of n along `length`, with a crop of
-    side + 2·halo moved inside the image (at the image's border no halo is needed)."""
+    """A core of `side` at a jittered place in cell i of n along `length`, and its crop."""
     lo, hi = round(i * length / n), round((i + 1) * length / n)
     start = min(lo + round(jitter * max(0, hi - lo - side)), length - side)
-    crop_start = min(max(start - halo, 0), length - side - 2 * halo)
-    return Span(start, start + side, crop_start, crop_start + side + 2 * halo)
+    return Span(start, start + side, max(0, start - halo), min(length, start + side + halo))
 
 
 # --------------------------------------------------------------------------- shared GroupNorm
@@ -388,18 +424,18 @@ class SharedGroupNorm:
     """While active (`with`), every GroupNorm in `norms` normalises with the statistics
     `stats[norm]`, the same for every tile.
 
-    A norm whose statistics are not known yet measures them on the cores of `windows` (their
-    crops stacked along the batch axis, window-major: element i is window i // B, image
-    i % B), merged per image into running sums. Then it publishes them and normalises with
-    them, so one run measures every norm; or, with `stop_at_unknown`, it stops the forward,
-    and the caller publishes once every tile has been measured.
+    A norm whose statistics are not known yet measures them on the core of `window`, the
+    tile or sample window whose crop is running, and merges them per image into running
+    sums. Then, by default, it publishes them and normalises with them (a whole image in one
+    window measures every norm in one run); while `stop_at_unknown`, it stops the forward
+    instead, and the caller publishes once every window has been measured.
 
     stats: {norm: (mean, var)}, each (B, G) float32, filled in place.
     """
 
-    def __init__(self, norms, stats, stop_at_unknown=False):
-        self.norms, self.stats, self.stop_at_unknown = norms, stats, stop_at_unknown
-        self.windows = []
+    def __init__(self, norms, stats):
+        self.norms, self.stats = norms, stats
+        self.window, self.stop_at_unknown = None, False
         self.sums = {}  # norm -> (count, mean, M2), each (B, G) float64
 
     def __enter__(self):
@@ -412,15 +448,13 @@ class SharedGroupNorm:
             del norm.forward
 
     def forward(self, norm, x):
-        """(n·B, C, H, W) -> same: GroupNorm (then SiLU for a GroupNormSiLU)."""
+        """(B, C, H, W) -> same: GroupNorm (then SiLU for a GroupNormSiLU)."""
         if norm not in self.stats:
-            per_window = x.unflatten(0, (len(self.windows), -1))  # (n, B, C, H, W)
-            for window, y in zip(self.windows, per_window):
-                self._measure(norm, window.core_of(y))
+            self._measure(norm, self.window.core_of(x))
             if self.stop_at_unknown:
                 raise _ReachedUnknownNorm
             self.publish()
-        mean, var = (t.repeat(len(self.windows), 1) for t in self.stats[norm])  # (n·B, G)
+        mean, var = self.stats[norm]
         return _normalise(x, norm, mean, var, silu=isinstance(norm, GroupNormSiLU))
 
     def _measure(self, norm, core):

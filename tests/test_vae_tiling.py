@@ -13,7 +13,7 @@ import torch
 
 from ldm import vae_tiling
 from ldm.models.vae import VAE_TINY, AutoencoderKL, VAEConfig
-from ldm.vae_tiling import (SharedGroupNorm, Span, Window, auto_tile_size, decode_tiled,
+from ldm.vae_tiling import (SharedGroupNorm, Span, Window, auto_tiling, decode_tiled,
                             decoder_halo, encode_tiled, encoder_halo, estimate_memory)
 
 from helpers import randomize_, rel_error
@@ -63,10 +63,8 @@ def test_decoder_halo_is_the_receptive_field_measured_by_autograd(name):
     vae = _vae(config, 1)
     _, tiled, norms = vae_tiling._decoder_stages(vae)
     h = torch.randn(1, config.level_channels[-1], 31, 31, requires_grad=True)
-    whole = Window(Span(0, 31, 0, 31), Span(0, 31, 0, 31))
     reach = 0
-    with SharedGroupNorm(norms, _fixed_stats(norms, 1)) as shared:
-        shared.windows = [whole]
+    with SharedGroupNorm(norms, _fixed_stats(norms, 1)):
         for offset in range(f):  # every output pixel of latent pixel 15
             h.grad = None
             tiled(h)[0, :, 15 * f + offset, 15 * f + offset].sum().backward()
@@ -84,8 +82,7 @@ def test_encoder_halo_is_the_receptive_field_measured_by_autograd(name):
     tiled, _, norms = vae_tiling._encoder_stages(vae)
     side = 31 * f
     x = torch.randn(1, 3, side, side, requires_grad=True)
-    with SharedGroupNorm(norms, _fixed_stats(norms, 1)) as shared:
-        shared.windows = [Window(Span(0, 31, 0, 31), Span(0, 31, 0, 31))]
+    with SharedGroupNorm(norms, _fixed_stats(norms, 1)):
         tiled(x)[0, :, 15, 15].sum().backward()
     rows = _support(x.grad, 2)
     left, right = 15 * f - rows.min().item(), rows.max().item() - 15 * f
@@ -173,11 +170,10 @@ def test_with_shared_statistics_the_tiling_is_invisible():
     _, tiled, norms = vae_tiling._decoder_stages(vae)
     with torch.no_grad():
         h = vae_tiling._decoder_stages(vae)[0](z)
-        windows = vae_tiling._sample(30, 26, 4, area=3 * 16 ** 2)
+        windows = vae_tiling._sample(30, 26, vae_tiling.Grid(8, 4, 1, 4), area=3 * 16 ** 2)
         assert 1 < len(windows) < 6  # a real sample, not the whole image
-        stats = vae_tiling._pooled_statistics(tiled, norms, h, windows, 1)
-        with SharedGroupNorm(norms, stats) as shared:  # the whole image in one piece
-            shared.windows = [Window(Span(0, 30, 0, 30), Span(0, 26, 0, 26))]
+        stats, _ = vae_tiling._exact(tiled, norms, h, windows, 1)
+        with SharedGroupNorm(norms, stats):  # the whole image in one piece
             whole = tiled(h)
         outs = []
         for tile in (4, 7, 13):
@@ -187,7 +183,7 @@ def test_with_shared_statistics_the_tiling_is_invisible():
             out = torch.empty_like(whole)
             with SharedGroupNorm(norms, stats) as shared:
                 for t in tiles:
-                    shared.windows = [t]
+                    shared.window = t
                     out[..., t.rows.start * 4:t.rows.stop * 4, t.cols.start * 4:t.cols.stop * 4] \
                         = t.core_of(tiled(t.crop(h, 1)))
             outs.append(out)
@@ -276,19 +272,23 @@ def test_vae_attention_gets_contiguous_qkv():
 
 
 # --------------------------------------------------------------------------- memory
-def test_memory_estimate_and_automatic_tile_size():
-    sd = VAEConfig()
+def test_memory_estimate_and_automatic_tiling():
+    sd, gib = VAEConfig(), 2**30
     whole = estimate_memory(sd, 1024, 1024)
-    tiled = estimate_memory(sd, 1024, 1024, tile_size=512)
-    assert 3.5 * 2**30 < whole < 4.5 * 2**30  # measured: 3.87 GiB peak above the baseline
-    assert tiled < whole / 2
-    assert auto_tile_size(sd, 512, 512, torch.float32, 2 * 2**30) is None  # fits whole
-    tile = auto_tile_size(sd, 4096, 4096, torch.float32, 4 * 2**30)
-    assert tile % 64 == 0 and estimate_memory(sd, 4096, 4096, tile_size=tile) <= 4 * 2**30
-    assert estimate_memory(sd, 4096, 4096, tile_size=tile + 64) > 4 * 2**30
-    assert auto_tile_size(sd, 4096, 4096, torch.bfloat16, 4 * 2**30) > tile
+    assert 3.5 * gib < whole < 4.5 * gib  # measured: 3.87 GiB peak above the baseline
+    exact, sampled = (estimate_memory(sd, 1024, 1024, tile_size=512, exact=e) for e in (True, False))
+    assert sampled < exact < whole / 1.5
+    assert auto_tiling(sd, 512, 512, torch.float32, 2 * gib) == {"tile_size": None}
+    plan = auto_tiling(sd, 2048, 2048, torch.float32, 6 * gib)
+    assert plan["exact"] and plan["tile_size"] % 64 == 0
+    assert estimate_memory(sd, 2048, 2048, **plan) <= 6 * gib
+    assert estimate_memory(sd, 2048, 2048, tile_size=plan["tile_size"] + 64) > 6 * gib
+    plan = auto_tiling(sd, 4096, 4096, torch.float32, 3.5 * gib)  # exact does not fit: sampled
+    assert plan["exact"] is False and estimate_memory(sd, 4096, 4096, **plan) <= 3.5 * gib
+    half = auto_tiling(sd, 4096, 4096, torch.bfloat16, 3.5 * gib)
+    assert (half["sample"], half["tile_size"]) > (plan["sample"], plan["tile_size"])
     with pytest.raises(ValueError, match="available_bytes=1000000 is too small"):
-        auto_tile_size(sd, 4096, 4096, torch.float32, 10**6)
+        auto_tiling(sd, 4096, 4096, torch.float32, 10**6)
 
 
 # --------------------------------------------------------------------------- bad arguments
