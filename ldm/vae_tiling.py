@@ -20,10 +20,10 @@ three reasons, and each has a cure:
 
 With the three cures every output pixel is the same function of the latent, whatever the
 tiling, so tiles agree by construction and there are no seams. What remains is where the
-shared statistics come from. The exact ones are the whole image's, and norm k's depend on
-the activations of every tile up to norm k, computed with the exact statistics of norms
-1..k-1. Holding all tiles' activations would cost the memory that tiling exists to save,
-so there are two ways, chosen by `exact`:
+shared statistics come from. The exact ones are the whole image's: norm k's are the mean
+and variance of its input over every tile, an input that depends on the statistics of norms
+1..k-1. Holding every activation of every tile until they are known would cost what tiling
+saves, so there are two ways, chosen by `exact`:
 
     exact=True   all tiles go through one ResnetBlock (a "piece") before any enters the
                  next; their activations wait in between. Within a piece, norm k's
@@ -221,6 +221,24 @@ def auto_tiling(vae_config, height, width, dtype, available_bytes, *, batch=1, e
     raise ValueError(f"available_bytes={available_bytes} is too small for {height}×{width} "
                      f"images in tiles of at least {smallest} px (memory estimates: "
                      f"ldm.vae_tiling.estimate_memory)")
+
+
+def free_memory(device):
+    """Bytes that activations may still take on `device`: the free memory of a CUDA device
+    (torch.cuda.mem_get_info), the MemAvailable of /proc/meminfo for the CPU on Linux; None
+    where unknown (another OS, another device), meaning: do not tile automatically."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
 
 
 # --------------------------------------------------------------------------- the two halves
@@ -435,7 +453,7 @@ class SharedGroupNorm:
 
     def __init__(self, norms, stats):
         self.norms, self.stats = norms, stats
-        self.window, self.stop_at_unknown = None, False
+        self.window, self.stop_at_unknown, self.device = None, False, None
         self.sums = {}  # norm -> (count, mean, M2), each (B, G) float64
 
     def __enter__(self):
@@ -460,8 +478,10 @@ class SharedGroupNorm:
     def _measure(self, norm, core):
         """Merge the mean and variance of `core` (B, C, h, w) into norm's running sums, by
         Chan et al.'s parallel variance (robust where E[x²] − E[x]² would cancel)."""
-        mean, var = (t.double() for t in _group_stats(core, norm.num_groups))
+        # float64 on the CPU: the sums are tiny, and not every device has float64 (MPS)
+        mean, var = (t.to("cpu", torch.float64) for t in _group_stats(core, norm.num_groups))
         count = core[0].numel() // norm.num_groups  # values per (image, group)
+        self.device = core.device
         if norm not in self.sums:
             self.sums[norm] = (count, mean, var * count)
             return
@@ -474,7 +494,8 @@ class SharedGroupNorm:
     def publish(self):
         """Turn the running sums into the statistics every tile will use."""
         for norm, (n, mean, m2) in self.sums.items():
-            self.stats[norm] = (mean.float(), (m2 / n).float())
+            self.stats[norm] = (mean.to(self.device, torch.float32),
+                                (m2 / n).to(self.device, torch.float32))
         self.sums = {}
 
 

@@ -14,7 +14,8 @@ import torch
 from ldm import vae_tiling
 from ldm.models.vae import VAE_TINY, AutoencoderKL, VAEConfig
 from ldm.vae_tiling import (SharedGroupNorm, Span, Window, auto_tiling, decode_tiled,
-                            decoder_halo, encode_tiled, encoder_halo, estimate_memory)
+                            decoder_halo, encode_tiled, encoder_halo, estimate_memory,
+                            free_memory)
 
 from helpers import randomize_, rel_error
 
@@ -289,6 +290,14 @@ def test_memory_estimate_and_automatic_tiling():
     assert (half["sample"], half["tile_size"]) > (plan["sample"], plan["tile_size"])
     with pytest.raises(ValueError, match="available_bytes=1000000 is too small"):
         auto_tiling(sd, 4096, 4096, torch.float32, 10**6)
+
+
+def test_free_memory_of_the_cpu_and_of_unknown_devices():
+    import platform
+    free = free_memory("cpu")
+    if platform.system() == "Linux":
+        assert isinstance(free, int) and 0 < free < 2**50
+    assert free_memory("meta") is None
 
 
 # --------------------------------------------------------------------------- bad arguments
