@@ -24,6 +24,7 @@ Device and dtype are decided here, once; the model code never names a device. On
 layout conversions; both are off by default until a GPU run has measured them.
 """
 import copy
+import math
 import sys
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm import arguments, embeddings, lora, samplers
+from ldm import arguments, embeddings, lora, samplers, vae_tiling
 from ldm import prompts as prompt_lib  # not `prompts`: the methods' locals use that name
 from ldm import schedule as noise_schedule
 from ldm.config import ModelConfig
@@ -206,27 +207,52 @@ class StableDiffusion(nn.Module):
                 for token, vectors in self.embeddings.items()}
 
     # ---------------------------------------------------------------- images in and out
-    def encode_image(self, images, generator=None):
+    def encode_image(self, images, generator=None, *, tile_size="auto"):
         """(B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) scaled latents, drawn from the posterior
         as the original `get_first_stage_encoding` does. `generator`: one CPU generator for the
-        batch, or a list of B, one per image (samplers.randn)."""
-        posterior = self.vae.encode(images.to(self.device, self.dtype))
+        batch, or a list of B, one per image (samplers.randn). tile_size: as decode_latents."""
+        images = images.to(self.device, self.dtype)
+        tiling = self._tiling(tile_size, images.shape, encode=True)
+        posterior = vae_tiling.encode_tiled(self.vae, images, **tiling)
         noise = self._noise(posterior.mean.shape, generator)  # CPU-drawn, like all our noise
         return posterior.sample(noise=noise) * self.scale_factor
 
-    def decode_latents(self, latents):
+    def decode_latents(self, latents, *, tile_size="auto"):
         """(B, 4, h, w) scaled latents -> (B, 3, 8h, 8w) images in about [-1, 1].
 
-        float16 can overflow in the VAE's last up-blocks (SD's known black images); such a batch
-        is decoded again in float32 by a temporary copy of the VAE, and returned in float32. The
-        pipeline's own VAE is never cast, so a model shared between threads or recorded in a
-        CUDA graph stays as it is.
+        tile_size: decode in tiles of this many image pixels a side (`ldm.vae_tiling`: tiles
+        share their GroupNorm statistics and overlap by the receptive field, so they agree
+        with the whole decode to float precision); None decodes whole; "auto" (default) whole
+        when the estimated memory fits what the device has free (or `memory_limit`), else the
+        largest tiles that fit.
+        float16 can overflow in the VAE's last up-blocks (SD's known black images, SDXL's VAE
+        always); such a batch is decoded again in float32 by a temporary copy of the VAE, and
+        returned in float32. The pipeline's own VAE is never cast, so a model shared between
+        threads or recorded in a CUDA graph stays as it is.
         """
-        images = self.vae.decode(latents / self.scale_factor)
+        h, w = latents.shape[-2:]
+        factor = self.vae.config.downsampling_factor
+        tiling = self._tiling(tile_size, (len(latents), 3, h * factor, w * factor))
+        images = vae_tiling.decode_tiled(self.vae, latents / self.scale_factor, **tiling)
         if images.dtype == torch.float16 and not torch.isfinite(images).all():
             vae = copy.deepcopy(self.vae).float()
-            images = vae.decode(latents.float() / self.scale_factor)
+            images = vae_tiling.decode_tiled(vae, latents.float() / self.scale_factor, **tiling)
         return images
+
+    def _tiling(self, tile_size, image_shape, encode=False):
+        """decode_tiled's / encode_tiled's keyword arguments for images of `image_shape`."""
+        if tile_size != "auto":
+            if tile_size is not None:
+                tile_size = arguments.check_int("tile_size", tile_size, minimum=1)
+            return {"tile_size": tile_size}
+        limit = self.memory_limit
+        if limit is None:
+            limit = arguments.available_memory(self.device)
+        if limit is None or limit == math.inf:
+            return {"tile_size": None}
+        batch, _, height, width = image_shape
+        return vae_tiling.auto_tiling(self.vae.config, height, width, self.dtype, limit,
+                                      batch=batch, encode=encode)
 
     def _conditioning_inputs(self, task, options, height, width):
         """encode_prompt's keyword inputs beyond the prompts, from a task's **options: the
