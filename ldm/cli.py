@@ -135,8 +135,12 @@ def _add_common(sub):
     sub.add_argument("--overwrite", action="store_true", help="replace the first N names of "
                      "the --out series (out.png, out-1.png, …) for N images, taken or not")
     sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    sub.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                     help="default: float16 on CUDA, float32 on CPU")
+    sub.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"),
+                     default="auto", help="auto (default): bfloat16 on a CPU with AMX, float32 "
+                     "on other CPUs, float16 on CUDA (bfloat16 for SDXL)")
+    sub.add_argument("--vae-tile-size", type=int, help="decode (and encode) the image in tiles "
+                     "of this many pixels a side, which agree with the whole decode (default: "
+                     "whole when it fits in memory, else tiles)")
     sub.add_argument("--no-progress", action="store_true",
                      help="hide the progress bar (shown when stderr is a terminal)")
     sub.add_argument("--debug", action="store_true",
@@ -188,9 +192,10 @@ def execute(args):
         from ldm import generate
         return generate.execute(args)
     inputs = check(args)
-    default_dtype = "float16" if args.device.startswith("cuda") else "float32"
-    dtype = getattr(torch, args.dtype or default_dtype)
+    dtype = args.dtype
     pipe = load(args.ckpt, device=args.device, dtype=dtype, config=args.config)
+    if args.vae_tile_size is not None:
+        pipe.vae_tile_size = args.vae_tile_size
     for path in args.embedding:
         pipe.load_embedding(path)
     args.loaded_loras = [pipe.load_lora(path, multiplier) for path, multiplier in args.lora]
@@ -251,6 +256,9 @@ def _check_values(args):
         raise UsageError(f"argument --num-images: must be at least 1, got {args.num_images}")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"argument --steps: must be at least 1, got {args.steps}")
+    if args.vae_tile_size is not None and (args.vae_tile_size <= 0 or args.vae_tile_size % 8):
+        raise UsageError(f"argument --vae-tile-size: must be a positive multiple of 8, got "
+                         f"{args.vae_tile_size}")
     if args.clip_skip is not None and args.clip_skip < 1:
         raise UsageError(f"argument --clip-skip: must be at least 1, got {args.clip_skip}")
     start = getattr(args, "refiner_start", None)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ldm import checkpoint
+from ldm import checkpoint, precision
 from ldm.checkpoint import CheckpointError
 from ldm.config import PRESETS, ConfigError, ModelConfig
 from ldm.pipeline import StableDiffusion
@@ -18,19 +18,18 @@ from ldm.sdxl import StableDiffusionXL
 # The small model the project trains and ships (issue: embedded default model).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "tiny-shapes.safetensors"
 
-# The dtypes a model generates in, and the names they may be given by.
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def load(path=None, *, device="cpu", dtype=torch.float32, use_ema=True, strict=False,
+def load(path=None, *, device="cpu", dtype="auto", use_ema=True, strict=False,
          config=None, mmap=False):
     """Load an original-layout checkpoint (.safetensors or .ckpt) into a `StableDiffusion`.
 
     path: the file; or a dict {original name: tensor} already in memory (its tensors are used as
     they are where dtype and device already match); None loads the small model shipped in weights/.
     device: where the weights go ("cpu", "cuda", "cuda:1", a torch.device; not "meta").
-    dtype: torch.float32 / float16 / bfloat16, or one of the names in DTYPES ("fp16", …).
+    dtype: "auto" (default: the fastest that keeps images right on `device`, see
+    `ldm.precision`: bfloat16 on a CPU with AMX, float32 on other CPUs, float16 on CUDA,
+    bfloat16 there for SDXL), torch.float32 / float16 / bfloat16, or a name in
+    precision.DTYPES ("fp16", …). The U-Net and VAE are put in the memory layout measured
+    faster for that device and dtype (`precision.optimize`).
     use_ema: when the file holds EMA copies of the U-Net (`model_ema.*`), load those.
     strict: refuse files with unexpected tensors instead of warning.
     config: a preset name or ModelConfig to use instead of the one detected from the file: SD
@@ -46,9 +45,11 @@ def load(path=None, *, device="cpu", dtype=torch.float32, use_ema=True, strict=F
     with absurd sizes), FileNotFoundError / IsADirectoryError for paths that are no file, and
     ValueError naming the argument for a bad device or dtype.
     """
-    device, dtype = _device(device), _dtype(dtype)
+    device = _device(device)
+    precision.resolve_dtype(dtype, device)  # a bad dtype is refused before the file is read
     ckpt = _open(path, mmap)
     config = detect_config(ckpt) if config is None else _preset(config)
+    dtype = precision.resolve_dtype(dtype, device, family=config.text_encoder)
     pipe = _build(ckpt, config)
     networks = pipe.networks()
     rows = checkpoint.name_map(networks, use_ema=use_ema and _has_ema(ckpt),
@@ -60,7 +61,7 @@ def load(path=None, *, device="cpu", dtype=torch.float32, use_ema=True, strict=F
     for component, module in networks.items():
         weights = checkpoint.read_component(ckpt, rows, component, device=device, dtype=dtype)
         module.load_state_dict(weights, strict=True, assign=True)
-    return pipe.eval()
+    return precision.optimize(pipe.eval())
 
 
 def save(pipe, path, *, overwrite=False):
@@ -151,15 +152,6 @@ def pipeline_class(config):
     """StableDiffusionXL for the SDXL families, else StableDiffusion."""
     sdxl = config.text_encoder in checkpoint.SDXL_FAMILIES
     return StableDiffusionXL if sdxl else StableDiffusion
-
-
-def _dtype(dtype):
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16 (or one of "
-                     f"{list(DTYPES)}), got {dtype!r}")
 
 
 def _device(device):

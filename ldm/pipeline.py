@@ -48,6 +48,7 @@ from ldm.tokenizer import CLIPTokenizer
 TEXT_ENCODERS = {"clip": (CLIPTextModel, CLIPTokenizer),
                  "open_clip": (OpenCLIPTextModel, CLIPTokenizer.open_clip)}
 OUTPUT_TYPES = ("pil", "latent", "tensor")
+PIPE_SETTING = object()  # an argument left to the pipeline's attribute of the same meaning
 # encode_prompt's keyword options of every model, which the tasks pass through.
 PROMPT_OPTIONS = frozenset({"clip_skip", "prompt_syntax", "emphasis"})
 
@@ -77,6 +78,7 @@ class StableDiffusion(nn.Module):
         self.cuda_graphs = False
         self._unet_graphs = CUDAGraphed(self.unet)
         self.memory_limit = None
+        self.vae_tile_size = "auto"  # decode_latents' and encode_image's default tile_size
         self.embeddings = {}  # trigger word -> {text encoder attribute: (n, D) vectors}
 
     def _build_text_encoders(self, config):
@@ -207,7 +209,7 @@ class StableDiffusion(nn.Module):
                 for token, vectors in self.embeddings.items()}
 
     # ---------------------------------------------------------------- images in and out
-    def encode_image(self, images, generator=None, *, tile_size="auto"):
+    def encode_image(self, images, generator=None, *, tile_size=PIPE_SETTING):
         """(B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) scaled latents, drawn from the posterior
         as the original `get_first_stage_encoding` does. `generator`: one CPU generator for the
         batch, or a list of B, one per image (samplers.randn). tile_size: as decode_latents."""
@@ -217,14 +219,15 @@ class StableDiffusion(nn.Module):
         noise = self._noise(posterior.mean.shape, generator)  # CPU-drawn, like all our noise
         return posterior.sample(noise=noise) * self.scale_factor
 
-    def decode_latents(self, latents, *, tile_size="auto"):
+    def decode_latents(self, latents, *, tile_size=PIPE_SETTING):
         """(B, 4, h, w) scaled latents -> (B, 3, 8h, 8w) images in about [-1, 1].
 
         tile_size: decode in tiles of this many image pixels a side (`ldm.vae_tiling`: tiles
         share their GroupNorm statistics and overlap by the receptive field, so they agree
         with the whole decode to float precision); None decodes whole; "auto" (default) whole
         when the estimated memory fits what the device has free (or `memory_limit`), else the
-        largest tiles that fit.
+        largest tiles that fit. Not given: `pipe.vae_tile_size` ("auto" unless set), which
+        is what the tasks (txt2img, …) use.
         float16 can overflow in the VAE's last up-blocks (SD's known black images, SDXL's VAE
         always); such a batch is decoded again in float32 by a temporary copy of the VAE, and
         returned in float32. The pipeline's own VAE is never cast, so a model shared between
@@ -241,6 +244,8 @@ class StableDiffusion(nn.Module):
 
     def _tiling(self, tile_size, image_shape, encode=False):
         """decode_tiled's / encode_tiled's keyword arguments for images of `image_shape`."""
+        if tile_size is PIPE_SETTING:
+            tile_size = self.vae_tile_size
         if tile_size != "auto":
             if tile_size is not None:
                 tile_size = arguments.check_int("tile_size", tile_size, minimum=1)

@@ -185,8 +185,8 @@ def test_the_integer_tensors_the_releases_store_still_load(shipped, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float64, "float8", "half", None])
 def test_a_dtype_that_cannot_generate_is_refused(dtype):
-    with pytest.raises(ValueError, match=r"^dtype must be torch.float32, torch.float16 or "
-                                         r"torch.bfloat16 \(or one of \['float32', 'fp32'"):
+    with pytest.raises(ValueError, match=r"^dtype must be 'auto', torch.float32, torch.float16 "
+                                         r"or torch.bfloat16 \(or one of \['float32', 'fp32'"):
         ldm.load(dtype=dtype)
 
 
