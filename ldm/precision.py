@@ -52,13 +52,15 @@ FAST_BF16_UNITS = ("amx_bf16",)
 # float32, see StableDiffusion.decode_latents).
 FP16_OVERFLOWS = frozenset({"sdxl", "sdxl-refiner"})
 
-# (network, dtype) that run faster in channels_last (NHWC) than in NCHW on the CPU. Measured
-# (2026-12-02, Xeon with AVX512-BF16, no AMX; `benchmarks/cpu.py --layouts`, CPU time, 1 thread,
-# interleaved; U-Net batch 2 at 32×32 latents, VAE decode to 256²) as NCHW time / NHWC time:
-#     U-Net float32 0.90, bfloat16 1.00 (issue 15, with AMX: 1.19);  VAE float32 0.94, bfloat16 1.08
-# and on an AMD EPYC (RESULTS.md, 2026-11-25): U-Net float32 0.87, VAE decoder float32 1.12.
-# So float32 stays NCHW (the VAE's gain on one CPU is the other's loss), and bf16, which
-# oneDNN's AMX and bf16 kernels run in NHWC, goes channels_last.
+# (network, dtype) that run faster in channels_last (NHWC) than in NCHW on the CPU. Measured as
+# NCHW time / NHWC time (2026-12-02, Xeon with AVX512-BF16, no AMX; `benchmarks/cpu.py
+# --layouts --threads 1`, CPU time, the layouts interleaved, two runs of 7; U-Net batch 2 at
+# 32×32 latents, VAE decode to 256²):
+#     U-Net float32 0.89-0.90, bfloat16 1.00-1.03 (issue 15, on a Xeon with AMX: 1.19)
+#     VAE   float32 0.94-0.99, bfloat16 1.05-1.08
+# and on an AMD EPYC (RESULTS.md, 2026-11-25, wall clock): U-Net float32 0.87, VAE decoder
+# float32 1.12. So float32 stays NCHW (the U-Net, most of the time, loses on both CPUs), and
+# bf16, never slower in NHWC, goes channels_last.
 CHANNELS_LAST_CPU = frozenset({("unet", torch.bfloat16), ("vae", torch.bfloat16)})
 
 

@@ -12,6 +12,8 @@ from ldm import precision
 from helpers import rel_error
 
 AUTO_CPU = {True: torch.bfloat16, False: torch.float32}
+# The detection itself, kept before any fixture (here or in a conftest) replaces it.
+HAS_FAST_BF16 = precision.has_fast_bf16
 
 
 @pytest.fixture
@@ -87,6 +89,7 @@ def test_a_bad_device_is_a_value_error_naming_it(bad):
 ])
 def test_bf16_units_are_read_from_the_flags(monkeypatch, flags, units, fast):
     monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(precision, "has_fast_bf16", HAS_FAST_BF16)
     precision.cpu_bf16_units.cache_clear()
     try:
         assert precision.cpu_bf16_units() == units
