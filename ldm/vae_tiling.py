@@ -56,6 +56,7 @@ Axis letters: B batch, C channels, G groups, H W image height and width, h w lat
 and width (H/f, W/f; f the VAE's downsampling factor, 8 for SD).
 """
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -217,6 +218,12 @@ def auto_tiling(vae_config, height, width, dtype, available_bytes, *, batch=1, e
         for t in tiles]
     for plan in plans:
         if estimate_memory(vae_config, height, width, dtype, **plan, **kwargs) <= available_bytes:
+            if not plan["exact"]:
+                warnings.warn(f"{height}×{width} images do not fit in {available_bytes / 2**30:.1f} "
+                              f"GiB with exact tiling: GroupNorm statistics come from a sample "
+                              f"of {plan['sample']:g} tiles' area, and the image may differ "
+                              f"from the untiled decode by several /255 (benchmarks/RESULTS.md)",
+                              stacklevel=2)
             return plan
     raise ValueError(f"available_bytes={available_bytes} is too small for {height}×{width} "
                      f"images in tiles of at least {smallest} px (memory estimates: "

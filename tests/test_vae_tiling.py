@@ -284,9 +284,11 @@ def test_memory_estimate_and_automatic_tiling():
     assert plan["exact"] and plan["tile_size"] % 64 == 0
     assert estimate_memory(sd, 2048, 2048, **plan) <= 6 * gib
     assert estimate_memory(sd, 2048, 2048, tile_size=plan["tile_size"] + 64) > 6 * gib
-    plan = auto_tiling(sd, 4096, 4096, torch.float32, 3.5 * gib)  # exact does not fit: sampled
+    with pytest.warns(UserWarning, match="statistics come from a sample"):
+        plan = auto_tiling(sd, 4096, 4096, torch.float32, 3.5 * gib)  # exact does not fit
     assert plan["exact"] is False and estimate_memory(sd, 4096, 4096, **plan) <= 3.5 * gib
-    half = auto_tiling(sd, 4096, 4096, torch.bfloat16, 3.5 * gib)
+    with pytest.warns(UserWarning):
+        half = auto_tiling(sd, 4096, 4096, torch.bfloat16, 3.5 * gib)
     assert (half["sample"], half["tile_size"]) > (plan["sample"], plan["tile_size"])
     with pytest.raises(ValueError, match="available_bytes=1000000 is too small"):
         auto_tiling(sd, 4096, 4096, torch.float32, 10**6)
