@@ -20,8 +20,8 @@ consecutive torch.randn calls (the per-step noise of ancestral samplers included
 
 Caveats. (1) The arithmetic is A1111's: its float32-rounded constants, float64 logarithm and
 sine, rounded to float32 at the end, bit for bit; CUDA computes in float32 with its own logf
-and fast sine, so its numbers can differ from these in the last bits. (2) CUDA gives element i the first Box–
-Muller value of thread i only while n is at most the threads torch's distribution kernel
+and fast sine, so its numbers can differ from these in the last bits. (2) CUDA gives element
+i the first Box–Muller value of thread i only while n is at most the threads torch's kernel
 launches (SM count × threads per SM: 132 × 2048 = 270,336 on an H100, 28 × 1536 = 43,008 on an
 RTX 3060); past that, thread i's other values fill elements i + threads, …, so CUDA's numbers
 depend on the card, while A1111's NV (and this module) keep the rule above. An SD 1 latent
@@ -63,7 +63,8 @@ class PhiloxGenerator:
         self.manual_seed(seed)
 
     def manual_seed(self, seed):
-        """Restart the stream at `seed` (any integer, read mod 2**64 as torch does); returns self."""
+        """Restart the stream at `seed` (an integer, read mod 2**64 as torch does); returns
+        self."""
         self._seed = check_seed(seed)
         self.offset = 0
         return self

@@ -63,7 +63,8 @@ def test_philox_rounds_matter():
 
 def test_nv_matches_the_a1111_docstring():
     """The docstring's numbers were printed from a float64 computation with exact 2⁻³² and 2π;
-    A1111's code (and ours) use its float32-rounded constants, which moves them by up to 2.7e-7 (two float32 steps at 1)."""
+    A1111's code (and ours) use its float32-rounded constants, which moves them by up to
+    2.7e-7 (two float32 steps at 1)."""
     got = rng.randn((3, 4), 0, rng="nv")
     want = torch.tensor(A1111_DOCSTRING, dtype=torch.float64)
     assert (got.double() - want).abs().max() < 3e-7
