@@ -26,7 +26,7 @@ CKPT_LINE = "CKPT = None  # None: the model shipped in weights/; or a path to a 
 def test_every_notebook_is_found():
     names = [p.name for p in NOTEBOOKS]
     assert names == ["01_architecture_tour.ipynb", "02_generating.ipynb", "03_training.ipynb",
-                     "04_attention_kernel.ipynb"]
+                     "04_attention_kernel.ipynb", "05_prompts_embeddings_lora.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
