@@ -25,10 +25,24 @@ as `model_ema.*` (so `ldm.load` reads them, EMA by default), plus "global_step" 
 "optimizer_states". Training resumes from one and continues exactly as if never stopped: each
 step's data and noise come from a generator seeded by (seed, step) alone.
 
-Data parallelism (torch.distributed, gloo): every rank draws the same global batch, keeps its
-slice, and DDP averages the gradients, so a run's result does not depend on the process count.
+Data parallelism (torch.distributed: gloo on CPUs, NCCL on GPUs): every rank draws the same
+global batch, keeps its slice, and DDP averages the gradients, so a run's result does not depend
+on the process count. Gradient accumulation (`grad_accum` N) splits each rank's slice again into
+N micro-batches whose gradients add up: the batch, hence the result, stays the same.
+
+Fine-tuning (`finetune`, `python -m ldm.train --init FILE`) starts from any checkpoint ldm loads
+and runs stage 2 only, on all of the U-Net's weights (and the text encoder's, if asked) or on a
+LoRA (`ldm.lora_training`) with the model frozen; its resumable state is a folder (`state_dir`:
+the trained weights, the optimiser, the step, the RNG states), its result a model file or a
+kohya LoRA file.
+
+    python -m ldm.train --init weights/tiny-shapes.safetensors --lora-rank 8 --out my.safetensors
+    python -m ldm.train --init v1-5.safetensors --data photos/ --resolution 512 \
+        --cache-latents cache/ --lora-rank 16 --precision bf16 --grad-checkpointing \
+        --out my.safetensors
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -37,18 +51,25 @@ import math
 import os
 import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
+from einops import rearrange
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ldm import checkpoint
 from ldm.data import shapes
+from ldm.data.folder import ImageFolder, LatentCache
+from ldm.images import to_pil
 from ldm.loader import load
+from ldm.lora_training import (DEFAULT_TARGETS, LoRAConfig, LoRANetwork,
+                               kohya_training_metadata)
 from ldm.models.vae import DiagonalGaussian
 from ldm.pipeline import StableDiffusion
 
@@ -74,10 +95,25 @@ class TrainConfig:
     ema_decay: float = 0.999
     seed: int = 0
     checkpoint_every: int = 500
+    grad_accum: int = 1          # micro-batches per step: the batch is split, not multiplied
+    precision: str = "fp32"      # "bf16": autocast; "fp16": autocast and a grad scaler (CUDA)
+    grad_checkpointing: bool = False  # recompute activations in the backward pass
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got "
+                             f"{self.precision!r}")
+        if isinstance(self.grad_accum, bool) or not isinstance(self.grad_accum, int) \
+                or self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be a positive int, got {self.grad_accum!r}")
 
     @property
     def total_steps(self):
         return self.vae_steps + self.steps
+
+
+# The autocast dtype of each `precision` (None: none, fp32 throughout).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # What `--preset` trains: the architecture and the data (TrainConfig's defaults are its settings).
@@ -122,28 +158,37 @@ class AutoencoderObjective(nn.Module):
 
 
 class DiffusionObjective(nn.Module):
-    """latents z₀ (B, 4, h, w), ids (B, 77), t (B,), noise ε (B, 4, h, w) -> scalar ε-MSE."""
+    """latents z₀ (B, 4, h, w), ids (B, 77), t (B,), noise ε (B, 4, h, w) -> scalar MSE of the
+    U-Net's prediction: of ε, or for `prediction` "v" (SD 2 768-v) of
+    v = √ᾱ_t ε − √(1 − ᾱ_t) z₀ (Salimans & Ho 2022)."""
 
-    def __init__(self, text_encoder, unet, alphas_cumprod):
+    def __init__(self, text_encoder, unet, alphas_cumprod, prediction="eps"):
         super().__init__()
         self.text_encoder, self.unet = text_encoder, unet
         self.alphas_cumprod = alphas_cumprod  # float64 (T,); not a buffer, DDP need not sync it
+        self.prediction = prediction
 
     def forward(self, latents, ids, t, noise):
-        alpha_bar = self.alphas_cumprod[t].to(latents.dtype)[:, None, None, None]  # (B, 1, 1, 1)
-        noisy = alpha_bar.sqrt() * latents + (1.0 - alpha_bar).sqrt() * noise
+        alpha_bar = self.alphas_cumprod.to(t.device)[t].to(latents.dtype)[:, None, None, None]
+        noisy = alpha_bar.sqrt() * latents + (1.0 - alpha_bar).sqrt() * noise  # (B, 4, h, w)
         cond = {"context": self.text_encoder(ids)}  # the conditioning dict, as when sampling
-        return F.mse_loss(self.unet(noisy, t, **cond), noise)
+        target = noise
+        if self.prediction == "v":
+            target = alpha_bar.sqrt() * noise - (1.0 - alpha_bar).sqrt() * latents
+        return F.mse_loss(self.unet(noisy, t, **cond), target)
 
 
 @dataclass
 class TrainingState:
-    """Everything a checkpoint holds: the model, the U-Net's EMA, the step, the optimiser."""
+    """Everything a checkpoint holds: the model, the U-Net's EMA (None when fine-tuning), the
+    step, the optimiser; when fine-tuning a LoRA, its `network` (attached to `pipe`)."""
     pipe: StableDiffusion
-    ema: EMA
+    ema: EMA | None
     step: int = 0                    # optimisation steps done, both stages counted
     optimizer_state: dict | None = None
     optimizer_stage: str | None = None
+    network: LoRANetwork | None = None
+    scaler_state: dict | None = None  # fp16's GradScaler
 
 
 def new_state(model_config, train_config):
@@ -173,25 +218,138 @@ def train(model_config, train_config, data, checkpoint_path=None, progress=True,
     for module in state.pipe.networks().values():
         # Small-channel convolutions run several times faster on CPU in this layout.
         module.to(memory_format=torch.channels_last).train()
-    trainer = _Trainer(state, train_config, data, path, progress, on_step)
-    if state.step < train_config.vae_steps:
-        trainer.train_autoencoder()
-    if state.step < train_config.total_steps:
-        trainer.train_diffusion()
-    trainer.save()
+    if train_config.grad_checkpointing:
+        enable_gradient_checkpointing(state.pipe)
+    save = None if path is None else lambda: save_training_checkpoint(path, state)
+    trainer = _Trainer(state, train_config, data, save, progress, on_step)
+    try:
+        if state.step < train_config.vae_steps:
+            trainer.train_autoencoder()
+        if state.step < train_config.total_steps:
+            trainer.train_diffusion()
+        trainer.save()
+    finally:
+        disable_gradient_checkpointing(state.pipe)
     return state
 
 
-class _Trainer:
-    """The two training loops of `train`, sharing the state, the data and the checkpointing."""
+def finetune(pipe, config, data, *, lora=None, train_text_encoder=False, state_dir=None,
+             resume=None, progress=True, on_step=None):
+    """Fine-tune `pipe` (a model from any checkpoint, `ldm.load(…, dtype=torch.float32)`) in
+    place for `config.steps` steps of the diffusion objective; returns the TrainingState.
 
-    def __init__(self, state, config, data, path, progress, on_step=None):
-        self.state, self.config, self.data, self.path = state, config, data, path
+    lora: a LoRAConfig: train a LoRA (`state.network`, left attached to pipe, so that pipe
+    generates with it; `state.network.save(path)` writes the kohya file) with every weight of
+    the model frozen. None: train the U-Net's weights, and the text encoder's with
+    `train_text_encoder`. The autoencoder is never trained, and there is no EMA.
+    data(batch_size, generator): as for `train` (`ImageFolder.batch`, `shapes.training_batch`).
+    config: steps, batch, lr, warmup, min_lr_ratio, weight_decay, grad_clip, uncond_prob, seed,
+    checkpoint_every, grad_accum, precision, grad_checkpointing (the vae_* fields, kl_weight,
+    latent_std and ema_decay are not used).
+    state_dir: a folder rank 0 writes the resumable state to (`save_finetune_state`) every
+    `checkpoint_every` steps and at the end. resume: such a folder to continue from, with
+    `pipe` loaded from the same checkpoint and the same lora / train_text_encoder (ValueError
+    otherwise); the run then ends exactly where an uninterrupted one would.
+    on_step: as for `train` (stage "diffusion", step from 1).
+    """
+    _check_finetunable(pipe)
+    pipe.vae.eval().requires_grad_(False)
+    network, params = _trainable(pipe, lora, train_text_encoder, config.seed)
+    settings = _settings(pipe, lora, train_text_encoder)
+    state = TrainingState(pipe, None, network=network)
+    if resume is not None:
+        load_finetune_state(resume, state, settings)
+        log.info("resuming %s at step %d", resume, state.step)
+    if config.grad_checkpointing:
+        enable_gradient_checkpointing(pipe)
+    save = None if state_dir is None else lambda: save_finetune_state(state_dir, state, settings)
+    trainer = _Trainer(state, config, data, save, progress, on_step)
+    try:
+        trainer.finetune(params)
+        trainer.save()
+    finally:
+        disable_gradient_checkpointing(pipe)
+    return state
+
+
+def _check_finetunable(pipe):
+    c = pipe.config
+    if c.text_encoder in ("sdxl", "sdxl-refiner"):
+        raise ValueError("fine-tuning SDXL is not supported yet: its U-Net also takes y (pooled "
+                         "text and image sizes), which the training objective does not build")
+    if c.unet.in_channels != c.unet.out_channels:
+        raise ValueError(f"fine-tuning an inpainting model ({c.unet.in_channels} input "
+                         "channels) is not supported: its objective needs masks")
+    wrong = {str(p.dtype) for m in pipe.networks().values() for p in m.parameters()
+             if p.dtype != torch.float32}
+    if wrong:
+        raise ValueError(f"the model's weights must be float32 to train (autocast gives bf16 "
+                         f"or fp16 speed: precision=), got {sorted(wrong)}; load it with "
+                         "ldm.load(path, dtype=torch.float32)")
+
+
+def _trainable(pipe, lora, train_text_encoder, seed):
+    """(LoRANetwork or None, the parameters to optimise); everything else frozen."""
+    pipe.unet.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    if lora is not None:
+        if train_text_encoder:
+            raise ValueError("train_text_encoder is for full fine-tuning; a LoRA adapts the "
+                             "text encoder with LoRAConfig(text_encoder=True)")
+        with torch.random.fork_rng(devices=[]):  # the adapters' initialisation: the seed's
+            torch.manual_seed(seed)
+            network = LoRANetwork(pipe, lora)
+        return network, list(network.parameters())
+    pipe.unet.requires_grad_(True).train()
+    if train_text_encoder:
+        for p in _text_parameters_used(pipe.text_encoder):
+            p.requires_grad_(True)
+        pipe.text_encoder.train()
+    networks = (pipe.unet, pipe.text_encoder)
+    return None, [p for m in networks for p in m.parameters() if p.requires_grad]
+
+
+def _text_parameters_used(encoder):
+    """The text encoder's parameters that reach the context: not OpenCLIP's projection, logit
+    scale or the blocks SD 2 skips (DDP insists that every trained parameter gets a gradient)."""
+    cfg = encoder.cfg
+    unused = set()
+    if hasattr(encoder, "transformer"):  # OpenCLIP
+        used = cfg.layers - cfg.skip_last
+        unused = {id(p) for block in encoder.transformer.resblocks[used:]
+                  for p in block.parameters()}
+        unused |= {id(encoder.text_projection), id(encoder.logit_scale)}
+    return [p for p in encoder.parameters() if id(p) not in unused]
+
+
+def _settings(pipe, lora, train_text_encoder):
+    """What a resumed run must share with the one that wrote the state, as JSON."""
+    return json.dumps({"model": json.loads(pipe.config.to_json()),
+                       "lora": None if lora is None else dataclasses.asdict(lora),
+                       "train_text_encoder": train_text_encoder}, sort_keys=True)
+
+
+class _Trainer:
+    """The training loops of `train` and `finetune`, sharing the state, the data and the
+    checkpointing (`save`, a function of nothing, or None)."""
+
+    def __init__(self, state, config, data, save, progress, on_step=None):
+        self.state, self.config, self.data, self._save = state, config, data, save
         self.on_step = on_step
         self.rank, self.world = _world()
-        if config.vae_batch % self.world or config.batch % self.world:
-            raise ValueError(f"batch sizes {config.vae_batch}, {config.batch} must be multiples "
-                             f"of the {self.world} processes")
+        self.device = state.pipe.device
+        # Inputs in the U-Net's layout (channels_last from `train`; `finetune` keeps ldm.load's).
+        conv = state.pipe.unet.input_blocks[0][0].weight
+        self.layout = (torch.channels_last if conv.is_contiguous(memory_format=torch.channels_last)
+                       and not conv.is_contiguous() else torch.contiguous_format)
+        for batch in (config.vae_batch, config.batch):
+            if batch % (self.world * config.grad_accum):
+                raise ValueError(f"batch sizes ({config.vae_batch}, {config.batch}) must be "
+                                 f"multiples of the {self.world} process(es) × grad_accum "
+                                 f"{config.grad_accum}")
+        if config.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("precision fp16 needs a CUDA device (float16 gradients need a "
+                             "grad scaler); on the CPU use bf16")
         self.show_progress = progress and self.rank == 0
 
     def train_autoencoder(self):
@@ -210,40 +368,60 @@ class _Trainer:
         self._loop("diffusion", objective, params, c.lr, c.vae_steps, c.total_steps,
                    self._diffusion_inputs, after_step=lambda: self.state.ema.update(pipe.unet))
 
+    def finetune(self, params):
+        c, pipe = self.config, self.state.pipe
+        objective = DiffusionObjective(pipe.text_encoder, pipe.unet, pipe.alphas_cumprod,
+                                       pipe.config.prediction)
+        if self.state.network is not None:
+            objective.lora = self.state.network  # a submodule, so that DDP averages its grads
+        self._loop("diffusion", objective, params, c.lr, 0, c.steps, self._diffusion_inputs)
+
     def _loop(self, stage, objective, params, lr, first, last, inputs, after_step=None):
-        """Optimise `objective(*inputs(step))` for steps [state.step, last) of a stage that
-        spans [first, last); checkpoint on the way."""
+        """Optimise `objective(*micro_batch)` over `inputs(step)` for steps [state.step, last)
+        of a stage that spans [first, last); checkpoint on the way."""
         c, state = self.config, self.state
-        model = DistributedDataParallel(objective) if self.world > 1 else objective
+        model = self._parallel(objective)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=c.weight_decay)
+        scaler = torch.amp.GradScaler("cuda") if c.precision == "fp16" else None
         if state.optimizer_stage == stage and state.optimizer_state is not None:
             optimizer.load_state_dict(state.optimizer_state)
+            if scaler is not None and state.scaler_state:
+                scaler.load_state_dict(state.scaler_state)
         bar = Progress(stage, first, last, enabled=self.show_progress)
         for step in range(state.step, last):
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_factor(step - first, last - first, c.warmup, c.min_lr_ratio)
-            loss = model(*inputs(step))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # DDP averages the gradients over the ranks here
-            nn.utils.clip_grad_norm_(params, c.grad_clip)
-            optimizer.step()
+            loss = optimization_step(model, optimizer, params, inputs(step), grad_clip=c.grad_clip,
+                                     precision=c.precision, scaler=scaler)
             if after_step is not None:
                 after_step()
             state.step = step + 1
             state.optimizer_state, state.optimizer_stage = optimizer.state_dict(), stage
-            bar.update(state.step, loss.item())
+            state.scaler_state = None if scaler is None else scaler.state_dict()
+            bar.update(state.step, loss)
             if self.on_step is not None:
-                self.on_step(stage, state.step, loss.item(), state)
+                self.on_step(stage, state.step, loss, state)
             if state.step % c.checkpoint_every == 0 and state.step < last:
                 self.save()
         bar.close()
 
+    def _parallel(self, objective):
+        if self.world == 1:
+            return objective
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(objective, device_ids=ids)
+
     def _batch(self, step, batch_size):
-        """The step's generator and global batch, and the slice of it that is this rank's."""
+        """The step's generator and global batch, and this rank's share of it in `grad_accum`
+        micro-batches (slices of the global batch)."""
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
         batch = self.data(batch_size, generator)
         per_rank = batch_size // self.world
-        return generator, batch, slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        size = per_rank // self.config.grad_accum
+        start = self.rank * per_rank
+        pieces = [slice(start + i * size, start + (i + 1) * size)
+                  for i in range(self.config.grad_accum)]
+        return generator, batch, pieces
 
     def _latent_shape(self, batch):
         vae = self.state.pipe.vae.config
@@ -253,26 +431,36 @@ class _Trainer:
         return (images.shape[0], vae.z_channels, images.shape[2] // factor, images.shape[3] // factor)
 
     def _autoencoder_inputs(self, step):
-        generator, batch, mine = self._batch(step, self.config.vae_batch)
+        generator, batch, pieces = self._batch(step, self.config.vae_batch)
         noise = torch.randn(self._latent_shape(batch), generator=generator)
-        return _channels_last(batch.images[mine]), noise[mine]
+        return [(self._on_device(batch.images[p]), self._on_device(noise[p])) for p in pieces]
 
     def _diffusion_inputs(self, step):
         c, pipe = self.config, self.state.pipe
-        generator, batch, mine = self._batch(step, c.batch)
+        generator, batch, pieces = self._batch(step, c.batch)
         shape = self._latent_shape(batch)
         dropped = torch.rand(c.batch, generator=generator) < c.uncond_prob
         t = torch.randint(0, len(pipe.alphas_cumprod), (c.batch,), generator=generator)
         noise = torch.randn(shape, generator=generator)
         posterior_noise = torch.randn(shape, generator=generator)
         captions = ["" if drop else text for drop, text in zip(dropped.tolist(), batch.captions)]
-        with torch.no_grad():
-            if getattr(batch, "latents", None) is not None:  # from a LatentCache.for_vae
-                posterior = DiagonalGaussian(batch.latents[mine])
-            else:
-                posterior = pipe.vae.encode(_channels_last(batch.images[mine]))
-            latents = posterior.sample(noise=posterior_noise[mine]) * pipe.scale_factor
-        return latents, pipe.tokenizer(captions[mine]), t[mine], _channels_last(noise[mine])
+        return [self._diffusion_piece(batch, p, captions, t, noise, posterior_noise)
+                for p in pieces]
+
+    @torch.no_grad()
+    def _diffusion_piece(self, batch, piece, captions, t, noise, posterior_noise):
+        """(z₀, ids, t, ε) of one micro-batch: latents drawn from the VAE's posterior."""
+        pipe = self.state.pipe
+        if getattr(batch, "latents", None) is not None:  # from a LatentCache.for_vae
+            posterior = DiagonalGaussian(batch.latents[piece].to(self.device))
+        else:
+            posterior = pipe.vae.encode(self._on_device(batch.images[piece]))
+        latents = posterior.sample(noise=posterior_noise[piece].to(self.device)) * pipe.scale_factor
+        ids = pipe.tokenizer(captions[piece]).to(self.device)
+        return latents, ids, t[piece].to(self.device), self._on_device(noise[piece])
+
+    def _on_device(self, x):
+        return x.to(self.device).contiguous(memory_format=self.layout)
 
     def _set_scale_factor(self, value):
         pipe = self.state.pipe
@@ -281,8 +469,43 @@ class _Trainer:
         log.info("scale_factor = %.5f", value)
 
     def save(self):
-        if self.path is not None and self.rank == 0:
-            save_training_checkpoint(self.path, self.state)
+        if self._save is not None and self.rank == 0:
+            self._save()
+
+
+def optimization_step(model, optimizer, params, micro_batches, *, grad_clip, precision="fp32",
+                      scaler=None):
+    """One optimiser step on a batch given as a list of equal micro-batches (argument tuples of
+    `model`, which returns a mean loss): the gradient of the mean of their losses, which is the
+    whole batch's. Under DDP the ranks average gradients once, after the last micro-batch.
+    precision "bf16"/"fp16" runs the forward passes under autocast; `scaler` (a GradScaler,
+    for fp16) scales the loss and skips steps whose gradients overflowed. The gradient norm is
+    clipped to `grad_clip`. Returns the mean loss (float)."""
+    optimizer.zero_grad(set_to_none=True)
+    device_type = params[0].device.type
+    losses = []
+    for i, inputs in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with _autocast(precision, device_type):
+                loss = model(*inputs)
+            share = loss / len(micro_batches)  # exact for one micro-batch: x / 1 == x
+            (share if scaler is None else scaler.scale(share)).backward()
+        losses.append(loss.detach().float())
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients
+    nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    return torch.stack(losses).mean().item()
+
+
+def _autocast(precision, device_type):
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype)
 
 
 def lr_factor(step, total, warmup, min_ratio):
@@ -299,7 +522,7 @@ def measure_scale_factor(vae, data, latent_std=1.0, num_images=256, seed=1234):
     """latent_std / std of posterior samples z of `num_images` fresh images (LDM's
     scale_by_std, for latent_std = 1)."""
     batch = data(num_images, torch.Generator().manual_seed(seed))
-    posterior = vae.encode(_channels_last(batch.images))
+    posterior = vae.encode(_channels_last(batch.images.to(next(vae.parameters()).device)))
     z = posterior.sample(torch.Generator().manual_seed(seed))
     return latent_std / z.std().item()
 
@@ -313,6 +536,41 @@ def _world():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+# -- gradient checkpointing ---------------------------------------------------------------------
+
+def enable_gradient_checkpointing(pipe):
+    """Store only the inputs of each U-Net block and text-encoder layer in the forward pass and
+    recompute the rest in the backward pass (torch.utils.checkpoint, non-reentrant): less
+    memory for about one more forward pass. Gradients are unchanged; the weights' names too
+    (each block's `forward` is wrapped on the instance; `disable_gradient_checkpointing`
+    unwraps). Without gradients (sampling), blocks run as usual."""
+    for module in _checkpoint_units(pipe):
+        module.forward = types.MethodType(_checkpointed_forward, module)
+
+
+def disable_gradient_checkpointing(pipe):
+    for module in _checkpoint_units(pipe):
+        module.__dict__.pop("forward", None)
+
+
+def _checkpoint_units(pipe):
+    unet = pipe.unet
+    units = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+    for name, encoder in pipe.networks().items():
+        if name.startswith("text_encoder"):
+            units += list(encoder.encoder.layers if hasattr(encoder, "encoder")
+                          else encoder.transformer.resblocks)
+    return units
+
+
+def _checkpointed_forward(self, *args, **kwargs):
+    # The class's forward, bound to this module: a deep copy of the module binds its copy.
+    forward = type(self).forward.__get__(self)
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -333,6 +591,8 @@ def save_training_checkpoint(path, state):
     ema["model_ema.num_updates"] = torch.tensor(state.ema.num_updates, dtype=torch.int32)
     entries = {"global_step": state.step, "ldm.optimizer_stage": state.optimizer_stage,
                "optimizer_states": [state.optimizer_state] if state.optimizer_state else []}
+    if state.scaler_state:
+        entries["ldm.scaler_state"] = state.scaler_state
     checkpoint.save_checkpoint(
         path, state.pipe.networks(), state.pipe.config.to_json(), overwrite=True,
         extra_tensors={**ema, "scale_factor": torch.tensor(state.pipe.scale_factor)},
@@ -352,7 +612,8 @@ def load_training_checkpoint(path, ema_decay=None):
         ema.shadow[name] = tensors[checkpoint.ema_name(prefix + name)].clone()
     optimizer_states = contents.get("optimizer_states") or [None]
     return TrainingState(pipe, ema, contents["global_step"], optimizer_states[0],
-                         contents.get("ldm.optimizer_stage"))
+                         contents.get("ldm.optimizer_stage"),
+                         scaler_state=contents.get("ldm.scaler_state"))
 
 
 def export(state, path, dtype=torch.float16):
@@ -367,7 +628,110 @@ def export(state, path, dtype=torch.float16):
     checkpoint.save_checkpoint(path, networks, state.pipe.config.to_json(), overwrite=True)
 
 
-# -- command line -------------------------------------------------------------------------------
+STATE_FILE = "state.pt"  # in a fine-tuning state folder
+
+
+def save_finetune_state(directory, state, settings):
+    """Write a fine-tuning run's resumable state to `directory`/state.pt, atomically: the trained
+    weights (the LoRA's, or the trained networks' in full), the optimiser and grad-scaler
+    states, the step, the RNG states and `settings` (what a resumed run must share)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    contents = {"step": state.step, "weights": _trained_weights(state),
+                "optimizer": state.optimizer_state, "scaler": state.scaler_state,
+                "rng": {"cpu": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                        else []},
+                "settings": settings}
+    path = directory / STATE_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:  # written whole, then renamed: an interrupted save leaves the previous state
+        torch.save(contents, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_finetune_state(directory, state, settings):
+    """Put the state `save_finetune_state` wrote in `directory` into `state` (whose pipe is the
+    base model, freshly loaded). Raises FileNotFoundError without a state file and ValueError
+    when its settings (model, LoRA, text encoder) are not `settings`."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: {directory} holds no {STATE_FILE} (the folder a "
+                                "fine-tuning run writes its state to)")
+    contents = torch.load(path, map_location="cpu", weights_only=True)
+    saved, wanted = json.loads(contents["settings"]), json.loads(settings)
+    different = sorted(k for k in wanted if saved.get(k) != wanted[k])
+    if different:
+        raise ValueError(f"resume: {path} was written by a run with other {', '.join(different)}"
+                         f": {json.dumps({k: saved.get(k) for k in different})[:300]}")
+    weights = contents["weights"]
+    if state.network is not None:
+        state.network.load_state_dict(weights["lora"])
+    else:
+        for name, tensors in weights.items():
+            getattr(state.pipe, name).load_state_dict(tensors)
+    state.step = contents["step"]
+    state.optimizer_state, state.optimizer_stage = contents["optimizer"], "diffusion"
+    state.scaler_state = contents["scaler"]
+    torch.set_rng_state(contents["rng"]["cpu"])
+    if contents["rng"]["cuda"] and torch.cuda.device_count() == len(contents["rng"]["cuda"]):
+        torch.cuda.set_rng_state_all(contents["rng"]["cuda"])
+
+
+def _trained_weights(state):
+    if state.network is not None:
+        return {"lora": state.network.state_dict()}
+    networks = {"unet": state.pipe.unet, "text_encoder": state.pipe.text_encoder}
+    return {name: module.state_dict() for name, module in networks.items()
+            if any(p.requires_grad for p in module.parameters())}
+
+
+def export_model(pipe, path, dtype=torch.float16):
+    """Write `pipe`'s weights for inference in `dtype`, with its config (what full fine-tuning
+    produces; `ldm.load` reads it)."""
+    networks = {name: copy.deepcopy(module).to(dtype=dtype, memory_format=torch.contiguous_format)
+                for name, module in pipe.networks().items()}
+    checkpoint.save_checkpoint(path, networks, pipe.config.to_json(), overwrite=True)
+
+
+# -- samples during training --------------------------------------------------------------------
+
+def sample_grid(pipe, prompts, *, seed=0, columns=None):
+    """One image per prompt, from `seed` at the model's sampling defaults, as one PIL image:
+    a grid in reading order, `columns` wide (default: the square root, rounded up)."""
+    modes = {name: module.training for name, module in pipe.networks().items()}
+    pipe.eval()
+    try:
+        images = pipe.txt2img(list(prompts), seed=seed, output_type="tensor", progress=False)
+    finally:
+        for name, module in pipe.networks().items():
+            module.train(modes[name])
+    n = len(images)
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = -(-n // columns)
+    blank = images.new_full((rows * columns - n, *images.shape[1:]), -1.0)  # black
+    grid = rearrange(torch.cat([images, blank]), "(r k) c h w -> 1 c (r h) (k w)", k=columns)
+    return to_pil(grid)[0]
+
+
+def sample_every(every, prompts, folder, *, seed=0):
+    """An on_step hook for `train` / `finetune`: every `every` diffusion steps, rank 0 writes
+    `sample_grid(prompts)` to folder/step-000100.png."""
+    if every < 1 or not prompts:
+        raise ValueError(f"sample_every needs every >= 1 and prompts, got {every}, {prompts!r}")
+    folder = Path(folder)
+
+    def on_step(stage, step, loss, state):
+        if stage == "diffusion" and step % every == 0 and _world()[0] == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            sample_grid(state.pipe, prompts, seed=seed).save(folder / f"step-{step:06d}.png")
+    return on_step
+
+
+# -- progress -----------------------------------------------------------------------------------
 
 class Progress:
     """A progress bar with the running loss, on stderr: redrawn in place on a terminal, one
@@ -405,46 +769,198 @@ class Progress:
             sys.stderr.write("\n")
 
 
+# -- command line -------------------------------------------------------------------------------
+
+# TrainConfig fields that only training from scratch uses.
+SCRATCH_ONLY = ("vae_steps", "vae_batch", "vae_lr", "kl_weight", "latent_std", "ema_decay")
+# Fine-tuning's defaults where the from-scratch recipe's do not fit (lr: LoRA, full).
+FINETUNE_DEFAULTS = {"steps": 1000, "batch": 8, "warmup": 50}
+FINETUNE_LR = {True: 1e-4, False: 1e-5}
+
+
 def _parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m ldm.train", description="Train a latent "
-                                "diffusion model from scratch: the autoencoder, then the U-Net "
-                                "with its text encoder.")
-    p.add_argument("--preset", default="tiny-shapes", choices=sorted(RECIPES))
-    p.add_argument("--out", required=True, help="inference weights (.safetensors), written at the end")
-    p.add_argument("--checkpoint", help="training checkpoint (.ckpt) to write and resume from; "
-                   "default: OUT with the suffix .train.ckpt")
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                                "diffusion model from scratch (the autoencoder, then the U-Net "
+                                "with its text encoder), or fine-tune one (--init): all of its "
+                                "U-Net, or a LoRA.")
+    p.add_argument("--preset", default="tiny-shapes", choices=sorted(RECIPES),
+                   help="what to train from scratch (without --init)")
+    p.add_argument("--init", help="checkpoint to fine-tune: any file ldm.load reads "
+                   "(weights/tiny-shapes.safetensors, SD 1.x/2.x)")
+    p.add_argument("--out", required=True, help="written at the end: the model (.safetensors "
+                   "or .ckpt), or with --lora-rank the LoRA (.safetensors, kohya's format)")
+    p.add_argument("--checkpoint", help="from scratch: training checkpoint (.ckpt) to write and "
+                   "resume from; default: OUT with the suffix .train.ckpt")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"],
                    help="dtype of the weights in OUT")
-    defaults = TrainConfig()
+    g = p.add_argument_group("fine-tuning (with --init)")
+    g.add_argument("--lora-rank", type=int, help="train a LoRA of this rank, the model frozen")
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, scale 1)")
+    g.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="NAME",
+                   help="U-Net transformer layers to adapt, by name ending (default: kohya's, "
+                   f"{' '.join(DEFAULT_TARGETS)})")
+    g.add_argument("--lora-text-encoder", action="store_true",
+                   help="also adapt the text encoder's attention and MLP")
+    g.add_argument("--lora-conv-rank", type=int, help="also adapt the ResBlocks' and samplers' "
+                   "layers (LoCon), 3×3 convolutions at this rank")
+    g.add_argument("--lora-conv-alpha", type=float, help="their alpha (default: conv rank)")
+    g.add_argument("--train-text-encoder", action="store_true",
+                   help="full fine-tuning: train the text encoder too (default: U-Net only)")
+    g.add_argument("--data", help="a folder of captioned images (ldm.data.folder.ImageFolder) "
+                   "to train on; default: shapes world")
+    g.add_argument("--resolution", type=int, help="with --data: the training size (default: "
+                   "the model's image size)")
+    g.add_argument("--cache-latents", metavar="DIR", help="with --data: keep the images' "
+                   "latents in DIR, encoded once")
+    g.add_argument("--state-dir", help="where the resumable state is written (default: OUT "
+                   "with the suffix .state)")
+    g.add_argument("--resume", metavar="DIR", help="continue the run whose state is in DIR")
+    s = p.add_argument_group("samples during training")
+    s.add_argument("--sample-every", type=int, help="every N steps, an image grid of "
+                   "--sample-prompts (OUT with the suffix .samples/step-N.png)")
+    s.add_argument("--sample-prompts", nargs="+", default=[], metavar="PROMPT")
+    s.add_argument("--sample-seed", type=int, default=0)
+    t = p.add_argument_group("optimisation (defaults: the shipped model's recipe from scratch; "
+                             f"fine-tuning: {FINETUNE_DEFAULTS}, lr 1e-4 LoRA / 1e-5 full)")
     for field in dataclasses.fields(TrainConfig):
-        p.add_argument("--" + field.name.replace("_", "-"), type=field.type,
-                       default=getattr(defaults, field.name))
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool or field.type == "bool":
+            t.add_argument(flag, action="store_true", default=None)
+        elif field.name == "precision":
+            t.add_argument(flag, choices=sorted(PRECISIONS))
+        else:
+            t.add_argument(flag, type=field.type)
+    p.add_argument("--device", help="cpu or cuda (default: cuda if there is one); under "
+                   "torchrun each process takes the GPU of its LOCAL_RANK")
     p.add_argument("--threads", type=int, help="torch threads per process "
                    "(default: CPU cores / processes)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    _check_modes(p, args)
+    return args
+
+
+def _check_modes(parser, args):
+    given = lambda name: getattr(args, name) not in (None, False, [])  # noqa: E731
+    if args.init is None:
+        needs_init = [n for n in ("lora_rank", "lora_alpha", "lora_text_encoder", "lora_conv_rank",
+                                  "lora_conv_alpha", "train_text_encoder", "data", "resolution",
+                                  "cache_latents", "state_dir", "resume") if given(n)]
+        if needs_init:
+            parser.error(f"--{needs_init[0].replace('_', '-')} needs --init (fine-tuning)")
+    else:
+        scratch = [n for n in SCRATCH_ONLY + ("checkpoint",) if given(n)]
+        if scratch:
+            parser.error(f"--{scratch[0].replace('_', '-')} is for training from scratch, not "
+                         "with --init")
+        if args.lora_rank is None and any(given(n) for n in ("lora_alpha", "lora_text_encoder",
+                                                             "lora_conv_rank", "lora_conv_alpha")):
+            parser.error("the --lora-* options need --lora-rank")
+    if (args.resolution or args.cache_latents) and not args.data:
+        parser.error("--resolution and --cache-latents need --data")
+    if args.sample_every is not None and not args.sample_prompts:
+        parser.error("--sample-every needs --sample-prompts")
+
+
+def _train_config(args):
+    """TrainConfig from the flags given; the others from the mode's defaults."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name) is not None}
+    if args.init is not None:
+        defaults = {**FINETUNE_DEFAULTS, "lr": FINETUNE_LR[args.lora_rank is not None]}
+        given = {**defaults, **given}
+    return TrainConfig(**given)
+
+
+def _start_processes(args):
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); (rank, world, device)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if device.type == "cuda":  # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = _world()
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
+    return rank, world, device
 
 
 def main(argv=None):
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR/PORT
-    rank, world = _world()
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
-    model_config, data = RECIPES[args.preset]
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    ckpt = Path(args.checkpoint) if args.checkpoint else Path(args.out).with_suffix(".train.ckpt")
-    if rank == 0:
-        log.info("training %s on %d process(es): %s", args.preset, world,
-                 json.dumps(dataclasses.asdict(config)))
+    rank, world, device = _start_processes(args)
+    config = _train_config(args)
+    on_step = None
+    if args.sample_every:
+        on_step = sample_every(args.sample_every, args.sample_prompts,
+                               Path(args.out).with_suffix(".samples"), seed=args.sample_seed)
     start = time.monotonic()
-    state = train(model_config, config, data, ckpt)
+    if args.init is None:
+        _train_main(args, config, rank, world, on_step)
+    else:
+        _finetune_main(args, config, rank, world, device, on_step)
     if rank == 0:
-        export(state, args.out, getattr(torch, args.dtype))
         log.info("wrote %s (%.1f MB) after %.1f min", args.out,
                  Path(args.out).stat().st_size / 1e6, (time.monotonic() - start) / 60)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _train_main(args, config, rank, world, on_step):
+    model_config, data = RECIPES[args.preset]
+    ckpt = Path(args.checkpoint) if args.checkpoint else Path(args.out).with_suffix(".train.ckpt")
+    if rank == 0:
+        log.info("training %s on %d process(es): %s", args.preset, world,
+                 json.dumps(dataclasses.asdict(config)))
+    state = train(model_config, config, data, ckpt, on_step=on_step)
+    if rank == 0:
+        export(state, args.out, getattr(torch, args.dtype))
+
+
+def _finetune_main(args, config, rank, world, device, on_step):
+    pipe = load(args.init, device=device, dtype=torch.float32)
+    data, facts = _finetune_data(args, pipe, rank)
+    lora = None
+    if args.lora_rank is not None:
+        lora = LoRAConfig(args.lora_rank, args.lora_alpha, tuple(args.lora_targets),
+                          args.lora_text_encoder, args.lora_conv_rank, args.lora_conv_alpha)
+    state_dir = args.state_dir or args.resume or Path(args.out).with_suffix(".state")
+    if rank == 0:
+        log.info("fine-tuning %s (%s) on %d process(es): %s", args.init,
+                 "LoRA" if lora else "all weights", world, json.dumps(dataclasses.asdict(config)))
+    started = time.time()
+    state = finetune(pipe, config, data, lora=lora, train_text_encoder=args.train_text_encoder,
+                     state_dir=state_dir, resume=args.resume, on_step=on_step)
+    if rank != 0:
+        return
+    dtype = getattr(torch, args.dtype)
+    if lora is None:
+        export_model(pipe, args.out, dtype)
+    else:
+        metadata = kohya_training_metadata(config, state.network, state.step, started_at=started,
+                                           init=args.init, output_name=Path(args.out).stem,
+                                           world=world, **facts)
+        state.network.save(args.out, metadata=metadata, dtype=dtype)
+
+
+def _finetune_data(args, pipe, rank):
+    """(data function, facts for the LoRA's metadata): shapes world, or --data's folder."""
+    if args.data is None:
+        return shapes.training_batch, {"resolution": (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)}
+    resolution = args.resolution or pipe.config.image_size
+    factor = pipe.vae.config.downsampling_factor
+    if resolution % factor:
+        raise SystemExit(f"--resolution {resolution} must be a multiple of {factor}, the "
+                         "autoencoder's downsampling")
+    cache = None if args.cache_latents is None else LatentCache.for_vae(args.cache_latents,
+                                                                        pipe.vae)
+    folder = ImageFolder(args.data, resolution, latents=cache)
+    if cache is not None:  # encoded ahead, once: rank 0 first, then the others find them
+        if rank == 0:
+            log.info("encoded %d image(s) into %s", folder.cache_latents(), args.cache_latents)
+        if dist.is_initialized():
+            dist.barrier()
+    return folder.batch, {"resolution": folder.size, "num_images": len(folder),
+                          "cache_latents": cache is not None}
 
 
 if __name__ == "__main__":

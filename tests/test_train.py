@@ -1,6 +1,11 @@
 """Training: the losses fall, checkpoints resume exactly and load with their EMA, data-parallel
-training equals single-process training, and the shipped model draws what it is told."""
+training equals single-process training, and the shipped model draws what it is told.
+Fine-tuning's optimisation: accumulated micro-batches and checkpointed activations give the
+whole batch's gradients, bf16 autocast runs, v-prediction's target is v (the LoRA side of
+fine-tuning: test_lora_training.py)."""
+import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -12,6 +17,8 @@ from ldm.config import ModelConfig
 from ldm.data import shapes
 from ldm.judge import accepts
 from ldm.loader import DEFAULT_CHECKPOINT, load
+from ldm.lora_training import LoRAConfig
+from ldm.pipeline import StableDiffusion
 from ldm.models.clip_text import CLIPTextConfig
 from ldm.models.unet import UNetConfig
 from ldm.models.vae import VAEConfig
@@ -182,3 +189,133 @@ def test_shipped_model_draws_what_it_is_told():
     prompts = [p for p in SHIPPED_CASES for _ in range(4)]  # txt2img's order: prompt-major
     right = [accepts(image, p) for p, image in zip(prompts, images)]
     assert sum(right) >= 12, dict(zip(prompts, right))  # 14-16 over seeds 0-7
+
+
+# -- fine-tuning's optimisation: accumulation, checkpointing, precision, v-prediction ------------
+
+def _first_gradients(config, lora=None, seed=0, **kwargs):
+    """The gradients `finetune` computes in its first step ({name: grad}), on MICRO with random
+    weights (clipping off: grad_clip = inf multiplies by exactly 1)."""
+    from helpers import randomize_
+
+    pipe = randomize_(StableDiffusion(MICRO), seed)
+    seen = {}
+
+    def capture(stage, step, loss, state):
+        module = state.network if state.network is not None else state.pipe
+        seen.update({n: p.grad.clone() for n, p in module.named_parameters()
+                     if p.grad is not None})
+    config = dataclasses.replace(config, steps=1, grad_clip=math.inf, seed=seed % 1000)
+    train.finetune(pipe, config, shapes.training_batch, lora=lora, progress=False,
+                   on_step=capture, **kwargs)
+    assert seen, "no gradient reached the trained parameters"
+    return seen
+
+
+def _relative(a, b):
+    flat_a = torch.cat([a[k].flatten() for k in sorted(a)]).double()
+    flat_b = torch.cat([b[k].flatten() for k in sorted(b)]).double()
+    return ((flat_a - flat_b).norm() / flat_b.norm()).item()
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_gradient_accumulation_gives_the_batch_gradient(mode):
+    """4 micro-batches of 1 give the gradient of one batch of 4 (the global batch is split,
+    not multiplied), to 1e-6: the LoRA's (text encoder included), or every U-Net and text
+    weight's."""
+    seed = int(torch.randint(1 << 30, ()))
+    lora = LoRAConfig(rank=2, text_encoder=True, conv_rank=2) if mode == "lora" else None
+    extra = {} if lora else {"train_text_encoder": True}
+    config = dataclasses.replace(FEW_STEPS, batch=4)
+    whole = _first_gradients(config, lora, seed, **extra)
+    pieces = _first_gradients(dataclasses.replace(config, grad_accum=4), lora, seed, **extra)
+    assert whole.keys() == pieces.keys()
+    error = _relative(pieces, whole)
+    print(f"{mode}: accumulated vs whole-batch gradient {error:.2e}")
+    assert error <= 1e-6
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_gradient_checkpointing_keeps_the_gradients(mode, monkeypatch):
+    """Recomputing activations in the backward pass changes no gradient (U-Net blocks and text
+    layers checkpointed); it does recompute: each block runs twice per step."""
+    from ldm.models.unet import UNetBlock
+
+    runs = [0]
+    forward = UNetBlock.forward
+
+    def counted(self, *args, **kwargs):
+        runs[0] += 1
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(UNetBlock, "forward", counted)
+    seed = int(torch.randint(1 << 30, ()))
+    lora = LoRAConfig(rank=2, text_encoder=True) if mode == "lora" else None
+    extra = {} if lora else {"train_text_encoder": True}
+    plain = _first_gradients(FEW_STEPS, lora, seed, **extra)
+    plain_runs, runs[0] = runs[0], 0
+    checkpointed = _first_gradients(dataclasses.replace(FEW_STEPS, grad_checkpointing=True),
+                                    lora, seed, **extra)
+    # Each block runs again in the backward pass, but for blocks with no trained weight
+    # and no input that needs a gradient (before the first adapter): nothing to recompute.
+    if mode == "full":
+        assert runs[0] == 2 * plain_runs > 0
+    else:
+        assert plain_runs < runs[0] < 2 * plain_runs
+    error = _relative(checkpointed, plain)
+    print(f"{mode}: checkpointed vs plain gradient {error:.2e}")
+    assert error <= 1e-6
+
+
+def test_checkpointing_wraps_and_unwraps_blocks():
+    from ldm.pipeline import StableDiffusion as Pipe
+
+    pipe = Pipe(MICRO)
+    train.enable_gradient_checkpointing(pipe)
+    blocks = [*pipe.unet.input_blocks, pipe.unet.middle_block, *pipe.unet.output_blocks,
+              *pipe.text_encoder.encoder.layers]
+    assert all("forward" in b.__dict__ for b in blocks)
+    copied = copy.deepcopy(pipe.unet)  # a copy's blocks run the copy's weights
+    assert copied.middle_block.forward.__self__ is copied.middle_block
+    train.disable_gradient_checkpointing(pipe)
+    assert not any("forward" in b.__dict__ for b in blocks)
+
+
+def test_bf16_autocast_changes_the_gradient_a_little():
+    """bf16 autocast (on the CPU too) computes the forward in bf16: its gradient is within a
+    few percent of fp32's, and not equal to it (autocast did run)."""
+    seed = int(torch.randint(1 << 30, ()))
+    lora = LoRAConfig(rank=2)
+    fp32 = _first_gradients(FEW_STEPS, lora, seed)
+    bf16 = _first_gradients(dataclasses.replace(FEW_STEPS, precision="bf16"), lora, seed)
+    error = _relative(bf16, fp32)
+    print(f"bf16 vs fp32 gradient {error:.2e}")
+    assert 1e-4 < error < 0.1
+
+
+def test_v_prediction_objective():
+    """For prediction "v" the target is v = √ᾱ ε − √(1 − ᾱ) z₀ (SD 2 768-v): a U-Net that
+    outputs exactly that has loss 0, one that outputs ε has loss ‖ε − v‖²."""
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    latents, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (3,), generator=g)
+    from ldm import schedule
+    alpha_bar = schedule.alphas_cumprod()[t].float()[:, None, None, None]
+    v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+
+    def objective(unet):
+        return train.DiffusionObjective(lambda ids: torch.zeros(3, 77, 8), unet,
+                                        schedule.alphas_cumprod(), prediction="v")
+    exact = objective(lambda x, t, context: v)(latents, None, t, noise)
+    eps = objective(lambda x, t, context: noise)(latents, None, t, noise)
+    assert exact.item() == 0.0
+    torch.testing.assert_close(eps, ((noise - v) ** 2).mean())
+
+
+def test_train_config_refuses_bad_precision_and_accumulation():
+    with pytest.raises(ValueError, match="precision"):
+        train.TrainConfig(precision="fp8")
+    with pytest.raises(ValueError, match="grad_accum"):
+        train.TrainConfig(grad_accum=0)
+    with pytest.raises(ValueError, match="multiples"):
+        train.train(MICRO, dataclasses.replace(FEW_STEPS, grad_accum=3), shapes.training_batch,
+                    progress=False)
