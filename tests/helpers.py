@@ -2,6 +2,7 @@
 import gzip
 import json
 import shutil
+import struct
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -95,3 +96,38 @@ def write_clip_vocab_files(folder):
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n",
                                        encoding="utf-8")
     return folder
+
+
+def write_random_safetensors(path, manifest, seed, float_dtype=torch.float32):
+    """A safetensors file of `manifest`'s tensors, floats as `float_dtype` (float32 or float16)
+    with realistic scales, generated and written one tensor at a time (never all in memory).
+    Returns the file's data size in bytes."""
+    g = torch.Generator().manual_seed(seed)
+    float_kind, float_size = {torch.float32: ("F32", 4), torch.float16: ("F16", 2)}[float_dtype]
+    header, offset = {}, 0
+    for name, (shape, dtype) in manifest.items():
+        kind, size = (float_kind, float_size) if dtype.is_floating_point else ("I64", 8)
+        nbytes = size * int(torch.tensor(shape).prod()) if shape else size
+        header[name] = {"dtype": kind, "shape": list(shape), "data_offsets": [offset,
+                                                                              offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name, (shape, dtype) in manifest.items():
+            tensor = _random_tensor(name, shape, dtype, g)
+            f.write((tensor.to(float_dtype) if dtype.is_floating_point else tensor).numpy()
+                    .tobytes())
+    return offset
+
+
+def _random_tensor(name, shape, dtype, g):
+    if not dtype.is_floating_point:  # position_ids
+        return torch.arange(shape[-1]).reshape(shape)
+    noise = torch.randn(shape, generator=g)
+    if len(shape) >= 2:
+        return noise / noise[0].numel() ** 0.5
+    if len(shape) == 1 and "norm" in name and name.endswith("weight"):
+        return 1.0 + 0.1 * noise
+    return 0.1 * noise

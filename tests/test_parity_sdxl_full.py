@@ -8,15 +8,13 @@ diffusers' own converters (`load_state_dict(assign=True)`): one copy of the weig
 cache. One network is compared at a time. The reduced-width tests (test_parity_sdxl.py) cover
 the pipelines end to end.
 """
-import json
-import struct
-
 import pytest
 import torch
 
 import ldm
 
-from helpers import large_temporary_file, read_manifest, rel_error
+from helpers import (large_temporary_file, read_manifest, rel_error,
+                     write_random_safetensors)
 
 pytestmark = pytest.mark.slow
 diffusers = pytest.importorskip("diffusers")
@@ -26,38 +24,6 @@ from diffusers.loaders import single_file_utils as convert  # noqa: E402
 from test_parity_sdxl import random_ids  # noqa: E402
 
 TOLERANCE = 1e-5
-
-
-def write_random_safetensors(path, manifest, seed):
-    """A safetensors file of `manifest`'s tensors, floats as float32 with realistic scales,
-    generated and written one tensor at a time (never all in memory)."""
-    g = torch.Generator().manual_seed(seed)
-    header, offset = {}, 0
-    for name, (shape, dtype) in manifest.items():
-        kind = "F32" if dtype.is_floating_point else "I64"
-        size = 4 if kind == "F32" else 8
-        nbytes = size * int(torch.tensor(shape).prod()) if shape else size
-        header[name] = {"dtype": kind, "shape": list(shape), "data_offsets": [offset,
-                                                                              offset + nbytes]}
-        offset += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        for name, (shape, dtype) in manifest.items():
-            f.write(_random(name, shape, dtype, g).numpy().tobytes())
-    return offset
-
-
-def _random(name, shape, dtype, g):
-    if not dtype.is_floating_point:  # position_ids
-        return torch.arange(shape[-1]).reshape(shape)
-    noise = torch.randn(shape, generator=g)
-    if len(shape) >= 2:
-        return noise / noise[0].numel() ** 0.5
-    if len(shape) == 1 and "norm" in name and name.endswith("weight"):
-        return 1.0 + 0.1 * noise
-    return 0.1 * noise
 
 
 @pytest.fixture(scope="module")
