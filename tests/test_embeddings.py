@@ -367,3 +367,44 @@ def test_save_bad_arguments(tmp_path, path, vectors, error, problem):
     with pytest.raises(error, match=problem):
         save_embedding(tmp_path / path, vectors)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- end to end, against diffusers' load_textual_inversion -------------------------------------
+
+@torch.no_grad()
+def test_a1111_pt_conditions_as_diffusers_load_textual_inversion(tmp_path):
+    """An A1111 .pt with three vectors, loaded by pipe.load_embedding and by diffusers'
+    load_textual_inversion into transformers' CLIP with the same weights: the prompt's
+    conditioning agrees. diffusers is given the file's stem as its token (it would use the name
+    stored inside: the documented difference)."""
+    transformers = pytest.importorskip("transformers")
+    textual_inversion = pytest.importorskip("diffusers.loaders.textual_inversion")
+    import ldm
+
+    class _TextualInversionLoader(textual_inversion.TextualInversionLoaderMixin):
+        """diffusers' loader as a pipeline holds it, with nothing else in the pipeline (no
+        accelerate hooks to take off): tokenizer and text encoder are passed in."""
+        hf_device_map, components = None, {}
+
+    from helpers import rel_error, write_clip_vocab_files
+    from test_clip_text import reference_from
+
+    pipe = ldm.load()  # the shipped model: SD 1's CLIP text encoder at width 64
+    path = a1111_file(tmp_path / "lighthousestyle.pt", vecs(3, pipe.text_encoder.cfg.width))
+    pipe.load_embedding(path)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(
+        write_clip_vocab_files(tmp_path), pad_token="<|endoftext|>", model_max_length=77)
+    text_encoder = reference_from(pipe.text_encoder)
+    loader = _TextualInversionLoader()
+    loader.load_textual_inversion(str(path), token="lighthousestyle", tokenizer=tokenizer,
+                                  text_encoder=text_encoder)
+    prompt = "a red circle, lighthousestyle, on a blue background"
+    ids = tokenizer(loader.maybe_convert_prompt(prompt, tokenizer), padding="max_length",
+                    max_length=77, truncation=True, return_tensors="pt").input_ids
+    expected = text_encoder(ids).last_hidden_state
+    ours = pipe.encode_prompt(prompt)[0]["context"]
+    error = rel_error(ours, expected)
+    print(f"A1111 .pt embedding, conditioning vs diffusers: {error:.1e}")
+    assert error <= 1e-5
+    without = pipe.encode_prompt(prompt.replace("lighthousestyle", "lighthouse style"))[0]
+    assert rel_error(without["context"], expected) > 1e-2  # the embedding made the difference
