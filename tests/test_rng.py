@@ -203,3 +203,42 @@ def test_nv_matches_cuda_torch_randn(seed):
         want = torch.randn((4, 64, 64), generator=cuda, device="cuda").cpu()
         got = ours.randn((4, 64, 64))
         assert (got - want).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------- the pipeline's use (once wired)
+def _pipeline_takes_rng():
+    import inspect
+
+    from ldm.pipeline import StableDiffusion
+    return "rng" in inspect.signature(StableDiffusion.txt2img).parameters
+
+
+@pytest.mark.skipif(not _pipeline_takes_rng(), reason="txt2img(rng=...) not wired in yet")
+def test_pipeline_draws_every_noise_as_a1111_does_with_nv(monkeypatch):
+    """txt2img(rng="nv"): image i's generator is PhiloxGenerator(seed + i); its first draw is
+    the starting noise and each later one an ancestral step's noise, in A1111's order
+    (modules/rng.py ImageRNG: first(), then next() per step), on the tiny model."""
+    import ldm
+    from ldm.config import PRESETS
+
+    pipe = ldm.StableDiffusion(PRESETS["tiny"])
+    draws = []
+    real_draw = rng.draw
+
+    def recording(shape, generator, **kwargs):
+        draws.append((generator.initial_seed(), generator.offset, tuple(shape)))
+        return real_draw(shape, generator, **kwargs)
+    monkeypatch.setattr(rng, "draw", recording)
+    z = pipe.txt2img("a red circle", steps=3, sampler="euler_a", seed=100, num_images=2,
+                     rng="nv", height=32, width=32, output_type="latent", progress=False)
+    h, w = z.shape[-2:]
+    # the starting noise, then one draw per step but the last (k-diffusion's Euler a)
+    assert draws == [(seed, offset, (4, h, w)) for offset in range(3) for seed in (100, 101)]
+    with pytest.raises(ValueError, match="rng"):
+        pipe.txt2img("a", steps=2, seed=1, rng="gpu", height=32, width=32)
+
+
+@pytest.mark.skipif(not _pipeline_takes_rng(), reason="txt2img(rng=...) not wired in yet")
+def test_brownian_trees_of_philox_generators_take_the_image_seeds():
+    from ldm.samplers import brownian
+    assert brownian._draw_seed(rng.PhiloxGenerator(7)) == 7
