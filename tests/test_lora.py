@@ -830,3 +830,28 @@ def test_old_diffusers_processor_names(small_pipe):
         "text_encoder.encoder.layers.1.self_attn.q_proj.weight",
         "unet.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight"]
     lora.unload_loras(small_pipe)
+
+
+# ---------------------------------------------------------------------- at full size
+@pytest.mark.slow
+def test_kohya_lora_on_full_size_sd15_matches_diffusers(tmp_path):
+    """The same comparison on SD 1.5 at full size (random weights, the release's every layer):
+    a kohya LoRA over every default target, LoCon convolutions and text encoder included."""
+    pipe = random_pipe(ldm.PRESETS["sd15"])
+    holder = diffusers_holder(pipe)
+    g = torch.Generator().manual_seed(fresh_seed())
+    networks = pipe.networks()
+    path = tmp_path / "kohya-sd15.safetensors"
+    save_file(random_kohya_lora(networks, g, alphas=(2.0,)), str(path))
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    context = torch.randn(2, 77, 768, generator=g)
+    ids = torch.randint(3, 49406, (2, 77), generator=g)
+    before = outputs(pipe, x, t, context, ids)
+    quiet(holder.load_lora_weights, str(path), adapter_name="a")
+    reference = reference_outputs(holder, x, t, context, ids)
+    del holder
+    lora.load_lora(pipe, path)
+    ours = outputs(pipe, x, t, context, ids)
+    assert_matches(ours[0], reference[0], before[0], "full-size SD 1.5 U-Net")
+    assert_matches(ours[1], reference[1], before[1], "full-size SD 1.5 text encoder")
