@@ -10,8 +10,11 @@ from ldm import attention
 from ldm.checkpoint import CheckpointError
 from ldm.config import PRESETS, ModelConfig
 from ldm.loader import load, save
+from ldm.parameters import Parameters, format_parameters, parse_parameters
 from ldm.pipeline import StableDiffusion
+from ldm.rng import randn
 from ldm.sdxl import StableDiffusionXL
 
-__all__ = ["CheckpointError", "ModelConfig", "PRESETS", "StableDiffusion", "StableDiffusionXL",
-           "attention", "load", "save"]
+__all__ = ["CheckpointError", "ModelConfig", "PRESETS", "Parameters", "StableDiffusion",
+           "StableDiffusionXL", "attention", "format_parameters", "load", "parse_parameters",
+           "randn", "save"]

@@ -19,6 +19,7 @@ import warnings
 import torch
 import torchsde
 
+from ldm import rng
 from ldm.samplers.common import is_per_image, randn
 
 NOISE_KINDS = ("gaussian", "brownian")
@@ -75,6 +76,9 @@ def noise_sampler(kind, x, sigmas, generator=None):
 
 
 def _draw_seed(generator):
-    """A Brownian tree's seed, drawn on the generator's device (the CPU for torch's global one)."""
+    """A Brownian tree's seed, drawn on the generator's device (the CPU for torch's global one);
+    a PhiloxGenerator's own seed, which is how A1111 seeds each image's tree."""
+    if isinstance(generator, rng.PhiloxGenerator):
+        return generator.initial_seed()
     device = "cpu" if generator is None else generator.device
     return int(torch.randint(2 ** 63 - 1, (), generator=generator, device=device))

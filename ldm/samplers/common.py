@@ -10,20 +10,22 @@ Shapes: x, x0, noise (B, C, h, w); t an int or (B,) int64; alphas_cumprod (T,) f
 """
 import torch
 
+from ldm import rng
+
 
 def randn(shape, generator, *, device=None, dtype=None):
     """Standard-normal noise of `shape` (B, C, h, w): every sampler's fresh noise.
 
-    generator: one torch.Generator (None: torch's global one), which draws the whole batch in
-    one call, torch.randn(shape, generator=generator, …), the stream diffusers and k-diffusion
-    draw; or a list of B generators, image i's (C, h, w) drawn from generator i. With one
+    generator: one torch.Generator (None: torch's global one) or ldm.rng.PhiloxGenerator
+    (CUDA's stream, drawn on the CPU and moved), which draws the whole batch in one call,
+    torch.randn(shape, generator=generator, …), the stream diffusers and k-diffusion draw; or
+    a list of B generators, image i's (C, h, w) drawn from generator i. With one
     generator per image, an image's noise does not depend on the batch it is made in, so the
     pipeline's image i of a batch seeded s is the image of seed s + i alone.
     """
     if not is_per_image(generator, shape[0]):
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype)
-                        for g in generator])
+        return rng.draw(shape, generator, device=device, dtype=dtype)
+    return torch.stack([rng.draw(shape[1:], g, device=device, dtype=dtype) for g in generator])
 
 
 def is_per_image(generator, batch):
