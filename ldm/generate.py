@@ -64,12 +64,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ldm import arguments, samplers
+from ldm import arguments, parameters, samplers
 from ldm.checkpoint import CheckpointError
 from ldm.outputs import remove_stale_temporaries, write_png
 from ldm.config import PRESETS
 from ldm.loader import DEFAULT_CHECKPOINT, load
-from ldm.samplers.registry import a1111_names, sampler_names
+from ldm.samplers.registry import sampler_names
 
 log = logging.getLogger(__name__)
 
@@ -405,15 +405,13 @@ class _Writer:
 
 
 def _a1111_parameters(record):
-    """AUTOMATIC1111's "parameters" text, which its PNG Info and samplers.from_a1111 read."""
-    sampler, schedule = a1111_names(samplers.SAMPLERS[record["sampler"]], record["schedule"])
-    model = (f", Model hash: {record['model_sha256'][:10]}, Model: {record['model']}"
-             if record["model"] else "")
-    return (f"{record['prompt']}\nNegative prompt: {record['negative_prompt']}\n"
-            f"Steps: {record['steps']}, Sampler: {sampler}, "
-            + (f"Schedule type: {schedule}, " if schedule else "")
-            + f"CFG scale: {record['cfg_scale']}, Seed: {record['seed']}, "
-            f"Size: {record['width']}x{record['height']}{model}")
+    """AUTOMATIC1111's "parameters" text, which its PNG Info and `ldm.parse_parameters` read
+    back to the settings that made the image (seeds drawn by torch's CPU generator: RNG CPU)."""
+    settings = {key: value for key, value in record.items()
+                if key in parameters.SETTINGS and value is not None}
+    model = ({"Model hash": record["model_sha256"][:10], "Model": record["model"]}
+             if record["model"] else {})
+    return parameters.format_parameters({**settings, "rng": "cpu"}, info=model)
 
 
 def read_manifest(out):

@@ -173,6 +173,14 @@ def test_jsonl_lines_carry_their_own_settings(pipe, tmp_path):
     assert "Negative prompt: a red square" in image.info["parameters"]
     assert "Sampler: DDIM, CFG scale: 5.0, Seed: 1235" in Image.open(
         tmp_path / "out" / "000000-001.png").info["parameters"]
+    for row in rows:  # each PNG's A1111 line reads back to the settings that made it
+        line = Image.open(tmp_path / "out" / row["file"]).info["parameters"]
+        settings = ldm.parse_parameters(line).kwargs
+        assert {key: settings[key] for key in ("prompt", "negative_prompt", "seed", "sampler",
+                                               "steps", "cfg_scale", "width", "height")} == {
+            key: row[key] for key in ("prompt", "negative_prompt", "seed", "sampler", "steps",
+                                      "cfg_scale", "width", "height")}
+        assert settings["rng"] == "cpu"
     alone = pipe.txt2img("a red circle", sampler="ddim", steps=4, cfg_scale=5.0, seed=1235)[0]
     made = pixels(tmp_path / "out" / "000000-001.png")
     assert np.abs(made - np.asarray(alone, dtype=np.int16)).max() <= 1
