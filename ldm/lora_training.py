@@ -359,7 +359,8 @@ def kohya_training_metadata(config, network, steps, *, started_at, output_name, 
     value here (LoRANetwork.save adds the network's own, ss_network_*): `config` the
     ldm.train.TrainConfig it ran with, `steps` the steps done, `started_at` a time.time(),
     `init` the checkpoint it started from (its name and A1111's hashes of it), the data's
-    `resolution` (H, W) and `num_images`, `world` the number of processes."""
+    `resolution` (H, W) and `num_images`, `world` the number of processes. Values are
+    strings, as in kohya's files."""
     metadata = {
         "ss_session_id": secrets.randbelow(2**31), "ss_training_started_at": started_at,
         "ss_training_finished_at": time.time(), "ss_output_name": output_name,
@@ -378,8 +379,8 @@ def kohya_training_metadata(config, network, steps, *, started_at, output_name, 
         "ss_training_comment": "trained with ldm (python -m ldm.train)"}
     if network.config.text_encoder:
         metadata["ss_text_encoder_lr"] = config.lr
-    if resolution is not None:
-        metadata["ss_resolution"] = tuple(resolution)
+    if resolution is not None:  # kohya's order: (width, height)
+        metadata["ss_resolution"] = (resolution[1], resolution[0])
     if num_images is not None:
         metadata["ss_num_train_images"] = num_images
     if init is not None and Path(init).is_file():

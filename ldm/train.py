@@ -249,13 +249,14 @@ def finetune(pipe, config, data, *, lora=None, train_text_encoder=False, state_d
     state_dir: a folder rank 0 writes the resumable state to (`save_finetune_state`) every
     `checkpoint_every` steps and at the end. resume: such a folder to continue from, with
     `pipe` loaded from the same checkpoint and the same lora / train_text_encoder (ValueError
-    otherwise); the run then ends exactly where an uninterrupted one would.
+    otherwise; a changed `config` is logged); with the same config, the run ends exactly where
+    an uninterrupted one would.
     on_step: as for `train` (stage "diffusion", step from 1).
     """
     _check_finetunable(pipe)
     pipe.vae.eval().requires_grad_(False)
     network, params = _trainable(pipe, lora, train_text_encoder, config.seed)
-    settings = _settings(pipe, lora, train_text_encoder)
+    settings = _settings(pipe, config, lora, train_text_encoder)
     state = TrainingState(pipe, None, network=network)
     if resume is not None:
         load_finetune_state(resume, state, settings)
@@ -322,11 +323,13 @@ def _text_parameters_used(encoder):
     return [p for p in encoder.parameters() if id(p) not in unused]
 
 
-def _settings(pipe, lora, train_text_encoder):
-    """What a resumed run must share with the one that wrote the state, as JSON."""
+def _settings(pipe, config, lora, train_text_encoder):
+    """What a resumed run must share with the one that wrote the state (and its TrainConfig,
+    which may change), as JSON."""
     return json.dumps({"model": json.loads(pipe.config.to_json()),
                        "lora": None if lora is None else dataclasses.asdict(lora),
-                       "train_text_encoder": train_text_encoder}, sort_keys=True)
+                       "train_text_encoder": train_text_encoder,
+                       "config": dataclasses.asdict(config)}, sort_keys=True)
 
 
 class _Trainer:
@@ -663,10 +666,14 @@ def load_finetune_state(directory, state, settings):
                                 "fine-tuning run writes its state to)")
     contents = torch.load(path, map_location="cpu", weights_only=True)
     saved, wanted = json.loads(contents["settings"]), json.loads(settings)
-    different = sorted(k for k in wanted if saved.get(k) != wanted[k])
+    different = sorted(k for k in wanted if k != "config" and saved.get(k) != wanted[k])
     if different:
         raise ValueError(f"resume: {path} was written by a run with other {', '.join(different)}"
                          f": {json.dumps({k: saved.get(k) for k in different})[:300]}")
+    changed = {k: (v, wanted["config"][k]) for k, v in saved.get("config", {}).items()
+               if wanted["config"].get(k) != v}
+    if changed:  # allowed (a longer run, another checkpoint interval), but not silently
+        log.warning("resume: settings changed since %s (was, now): %s", path, changed)
     weights = contents["weights"]
     if state.network is not None:
         state.network.load_state_dict(weights["lora"])

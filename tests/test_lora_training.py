@@ -170,7 +170,7 @@ def test_file_is_kohyas(tmp_path):
     """Keys, alpha and the ss_* / sshs_* metadata as kohya's train_network writes them."""
     _, pipe, state = trained_lora("sd15", LoRAConfig(rank=4, conv_rank=2))
     facts = kohya_training_metadata(FEW_STEPS, state.network, state.step, started_at=1.5,
-                                    output_name="trained", resolution=(32, 32), num_images=10)
+                                    output_name="trained", resolution=(32, 48), num_images=10)
     path = state.network.save(tmp_path / "trained.safetensors", metadata=facts)
     with safe_open(str(path), "pt") as f:
         keys, metadata = set(f.keys()), f.metadata()
@@ -186,7 +186,8 @@ def test_file_is_kohyas(tmp_path):
     assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "2.0"}
     assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_v2"] == "False"
     assert metadata["ss_training_started_at"] == "1.5" and metadata["ss_steps"] == "3"
-    assert metadata["ss_resolution"] == "(32, 32)" and metadata["ss_num_train_images"] == "10"
+    assert metadata["ss_resolution"] == "(48, 32)"  # kohya's (width, height)
+    assert metadata["ss_num_train_images"] == "10"
     assert metadata["ss_output_name"] == "trained"
     assert all(isinstance(v, str) for v in metadata.values())
     # sshs_model_hash is A1111's addnet hash of the file (sha256 after the header)
@@ -303,10 +304,14 @@ def test_data_parallel_lora_gradients_are_the_batch_gradients(tmp_path):
     assert error <= TOLERANCE and flat[1].norm() > 0
 
 
-def test_resume_refuses_another_run(tmp_path):
+def test_resume_refuses_another_run(tmp_path, caplog):
     config = dataclasses.replace(FEW_STEPS, steps=1)
     train.finetune(random_pipe(SD15_LAYOUT, 1), config, data, lora=LoRAConfig(rank=2),
                    state_dir=tmp_path, progress=False)
+    longer = dataclasses.replace(config, steps=2)
+    state = train.finetune(random_pipe(SD15_LAYOUT, 1), longer, data, lora=LoRAConfig(rank=2),
+                           resume=tmp_path, progress=False)
+    assert state.step == 2 and "'steps': (1, 2)" in caplog.text  # allowed, and said
     with pytest.raises(ValueError, match="lora"):
         train.finetune(random_pipe(SD15_LAYOUT, 1), config, data, lora=LoRAConfig(rank=4),
                        resume=tmp_path, progress=False)
