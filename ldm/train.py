@@ -345,11 +345,12 @@ class _Trainer:
         conv = state.pipe.unet.input_blocks[0][0].weight
         self.layout = (torch.channels_last if conv.is_contiguous(memory_format=torch.channels_last)
                        and not conv.is_contiguous() else torch.contiguous_format)
-        for batch in (config.vae_batch, config.batch):
+        batches = {"batch": config.batch} if state.ema is None else {  # fine-tuning: stage 2
+            "vae_batch": config.vae_batch, "batch": config.batch}
+        for name, batch in batches.items():
             if batch % (self.world * config.grad_accum):
-                raise ValueError(f"batch sizes ({config.vae_batch}, {config.batch}) must be "
-                                 f"multiples of the {self.world} process(es) × grad_accum "
-                                 f"{config.grad_accum}")
+                raise ValueError(f"{name} {batch} must be a multiple of the {self.world} "
+                                 f"process(es) × grad_accum {config.grad_accum}")
         if config.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("precision fp16 needs a CUDA device (float16 gradients need a "
                              "grad scaler); on the CPU use bf16")

@@ -316,6 +316,11 @@ def test_train_config_refuses_bad_precision_and_accumulation():
         train.TrainConfig(precision="fp8")
     with pytest.raises(ValueError, match="grad_accum"):
         train.TrainConfig(grad_accum=0)
-    with pytest.raises(ValueError, match="multiples"):
+    with pytest.raises(ValueError, match="vae_batch 4 must be a multiple"):
         train.train(MICRO, dataclasses.replace(FEW_STEPS, grad_accum=3), shapes.training_batch,
                     progress=False)
+    # fine-tuning has no autoencoder stage: only its batch must divide
+    state = train.finetune(StableDiffusion(MICRO), dataclasses.replace(
+        FEW_STEPS, steps=1, batch=3, grad_accum=3), shapes.training_batch,
+        lora=LoRAConfig(rank=1), progress=False)
+    assert state.step == 1
