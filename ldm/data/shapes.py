@@ -2,8 +2,9 @@
 with captions, drawn on the fly (no downloads) and exactly reproducible from a torch.Generator.
 
 A scene is one object (circle, axis-aligned square or upright triangle; its size 25-50 % of the
-image width) of one of six colours on a background of another. Its caption comes from one of
-three families, which the model trained on this world must follow:
+image width) of one of six colours on a background of another (larger worlds add purple and an
+upright five-pointed star). Its caption comes from one of three families, which the model
+trained on this world must follow:
 
     family        caption                                    what the caption fixes
     "object"      a red circle                               colour, shape (object near the middle)
@@ -19,9 +20,21 @@ every colour, shape, background and position in the training captions.
 
 Images are float tensors (B, 3, 64, 64) in [-1, 1], the range the autoencoder takes.
 Geometry is in pixels, y downwards: a pixel (row i, column j) has its centre at (j + ½, i + ½).
+
+Worlds. Everything above is the default world, the one the shipped model learnt; the module's
+functions (`all_prompts`, `training_batch`, …) are its methods. Larger worlds add words the
+shipped model never saw, for teaching it something new (a LoRA):
+
+    world("shapes+purple+star")            # 7 colours, 4 shapes: EXTENDED
+    EXTENDED.naming("purple", "star")      # only its captions that name purple or star
+    EXTENDED.training_batch(32, generator) # same signature as `training_batch`
+
+A prompt's place in the held-out split does not depend on the world (`is_held_out`), so a larger
+world keeps the default world's split, and its seeded batches, unchanged.
 """
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -40,6 +53,13 @@ PALETTE = {
 }
 COLOURS = tuple(PALETTE)
 SHAPES = ("circle", "square", "triangle")
+# Words only larger worlds use (`world`). Purple is CSS's #800080: the middle of red, blue and
+# black, 0.71 from each (its nearest colours) and ≥ 1.2 from the others.
+EXTRA_PALETTE = {"purple": (0.5, 0.0, 0.5)}
+EXTRA_SHAPES = ("star",)
+RGB = {**PALETTE, **EXTRA_PALETTE}           # every colour any world draws
+ALL_COLOURS = tuple(RGB)                     # the default's six first: their indices never move
+ALL_SHAPES = SHAPES + EXTRA_SHAPES
 # Centre of each named part of the image, as fractions of the side (x, y).
 POSITIONS = {
     "top left": (0.25, 0.25),
@@ -85,20 +105,6 @@ class Prompt:
         return f"{text} in the {self.position}" if self.position is not None else text
 
 
-_CAPTION = re.compile(
-    rf"a (?P<colour>{'|'.join(COLOURS)}) (?P<shape>{'|'.join(SHAPES)})"
-    rf"(?: on a (?P<background>{'|'.join(COLOURS)}) background"
-    rf"| in the (?P<position>{'|'.join(POSITIONS)}))?")
-
-
-def parse_caption(caption):
-    """The inverse of `Prompt.caption`; raises ValueError on text outside the three families."""
-    match = _CAPTION.fullmatch(caption.strip().lower())
-    if match is None:
-        raise ValueError(f"{caption!r} is not a shapes-world caption")
-    return Prompt(**match.groupdict())
-
-
 @dataclass(frozen=True)
 class Scene:
     """The ground truth of one image: colours, shape, and the object's box in pixels."""
@@ -124,34 +130,18 @@ def is_held_out(prompt):
     """True for the sixth of each family's combinations kept out of the training captions.
 
     Index sum ≡ 0 (mod 6) over (colour, shape[, background or position]) picks one colour for
-    every other choice, so each shape, background and position keeps 5 of its 6 colours.
+    every other choice, so each shape, background and position keeps 5 of its 6 colours. The
+    indices are those of ALL_COLOURS and ALL_SHAPES, whose first words are the default world's,
+    so a prompt is held out in every world or in none. Larger worlds also hold out every object
+    made of two new words ("a purple star …"): the new words are taught apart and judged together.
     """
-    total = COLOURS.index(prompt.colour) + SHAPES.index(prompt.shape)
+    total = ALL_COLOURS.index(prompt.colour) + ALL_SHAPES.index(prompt.shape)
     if prompt.background is not None:
-        total += COLOURS.index(prompt.background)
+        total += ALL_COLOURS.index(prompt.background)
     if prompt.position is not None:
         total += list(POSITIONS).index(prompt.position)
-    return total % 6 == 0
-
-
-def all_prompts(family):
-    """Every prompt of a family (18, 90 and 90 of them), in a fixed order."""
-    objects = [(c, s) for c in COLOURS for s in SHAPES]
-    if family == "object":
-        return [Prompt(c, s) for c, s in objects]
-    if family == "background":
-        return [Prompt(c, s, background=b) for c, s in objects for b in COLOURS if b != c]
-    if family == "position":
-        return [Prompt(c, s, position=p) for c, s in objects for p in POSITIONS]
-    raise ValueError(f"unknown family {family!r}; the families are {FAMILIES}")
-
-
-def training_prompts(family):
-    return [p for p in all_prompts(family) if not is_held_out(p)]
-
-
-def held_out_prompts(family):
-    return [p for p in all_prompts(family) if is_held_out(p)]
+    both_new = prompt.colour not in COLOURS and prompt.shape not in SHAPES
+    return total % 6 == 0 or both_new
 
 
 def _uniform(low, high, generator):
@@ -162,18 +152,115 @@ def _choice(options, generator):
     return options[torch.randint(len(options), (), generator=generator).item()]
 
 
-def scene_for(prompt, generator):
-    """Draw a scene that satisfies `prompt`, choosing what it leaves open at random."""
-    background = prompt.background or _choice([c for c in COLOURS if c != prompt.colour], generator)
-    size = IMAGE_SIZE * _uniform(*SIZE_RANGE, generator)
-    if prompt.position is None:
-        anchor, jitter = (0.5, 0.5), MIDDLE_JITTER
-    else:
-        anchor, jitter = POSITIONS[prompt.position], POSITION_JITTER
-    # Clamped so that the whole object stays inside the picture.
-    x, y = (min(max(IMAGE_SIZE * a + _uniform(-jitter, jitter, generator), size / 2),
-                IMAGE_SIZE - size / 2) for a in anchor)
-    return Scene(prompt.colour, prompt.shape, background, x, y, size)
+@dataclass(frozen=True)
+class World:
+    """A shapes world: the colours and shapes its captions use (the families, positions and
+    sizes are every world's), and `only`: if given, its captions are those naming one of these
+    words (as colour, shape or background): the data for teaching a model just those words.
+
+    World() is the default world; `world(name)` builds the named larger ones.
+    """
+    colours: tuple = COLOURS
+    shapes: tuple = SHAPES
+    only: tuple = ()
+
+    def __post_init__(self):
+        self._set_words("colours", ALL_COLOURS, 2)  # a background needs a second colour
+        self._set_words("shapes", ALL_SHAPES, 1)
+        self._set_words("only", self.colours + self.shapes, 0)
+
+    def _set_words(self, field, known, least):
+        value = getattr(self, field)
+        words = (value,) if isinstance(value, str) else tuple(value)
+        if any(w not in known for w in words) or len(set(words)) != len(words) \
+                or len(words) < least:
+            raise ValueError(f"World {field} must be {least} or more distinct words of {known}, "
+                             f"got {value!r}")
+        object.__setattr__(self, field, words)  # frozen: lists and strings become tuples
+
+    @property
+    def name(self):
+        """"shapes" plus "+word" for each word beyond the default world's (`world`'s inverse)."""
+        extra = [w for w in self.colours + self.shapes if w not in COLOURS + SHAPES]
+        return "+".join(["shapes", *extra])
+
+    def naming(self, *words):
+        """This world, with only the captions that name one of `words`."""
+        return replace(self, only=words)
+
+    def parse_caption(self, caption):
+        """The inverse of `Prompt.caption` for this world's words (whatever `only` says);
+        raises ValueError on text outside the three families."""
+        colours, shapes = "|".join(self.colours), "|".join(self.shapes)
+        pattern = (rf"a (?P<colour>{colours}) (?P<shape>{shapes})"
+                   rf"(?: on a (?P<background>{colours}) background"
+                   rf"| in the (?P<position>{'|'.join(POSITIONS)}))?")
+        match = re.fullmatch(pattern, caption.strip().lower())
+        if match is None:
+            raise ValueError(f"{caption!r} is not a {self.name}-world caption")
+        return Prompt(**match.groupdict())
+
+    def all_prompts(self, family):
+        """Every prompt of a family, in a fixed order (default world: 18, 90 and 90)."""
+        objects = [(c, s) for c in self.colours for s in self.shapes]
+        if family == "object":
+            prompts = [Prompt(c, s) for c, s in objects]
+        elif family == "background":
+            prompts = [Prompt(c, s, background=b) for c, s in objects for b in self.colours
+                       if b != c]
+        elif family == "position":
+            prompts = [Prompt(c, s, position=p) for c, s in objects for p in POSITIONS]
+        else:
+            raise ValueError(f"unknown family {family!r}; the families are {FAMILIES}")
+        if not self.only:
+            return prompts
+        return [p for p in prompts if {p.colour, p.shape, p.background} & set(self.only)]
+
+    def training_prompts(self, family):
+        return [p for p in self.all_prompts(family) if not is_held_out(p)]
+
+    def held_out_prompts(self, family):
+        return [p for p in self.all_prompts(family) if is_held_out(p)]
+
+    def scene_for(self, prompt, generator):
+        """Draw a scene that satisfies `prompt`, choosing what it leaves open at random."""
+        backgrounds = [c for c in self.colours if c != prompt.colour]
+        background = prompt.background or _choice(backgrounds, generator)
+        size = IMAGE_SIZE * _uniform(*SIZE_RANGE, generator)
+        if prompt.position is None:
+            anchor, jitter = (0.5, 0.5), MIDDLE_JITTER
+        else:
+            anchor, jitter = POSITIONS[prompt.position], POSITION_JITTER
+        # Clamped so that the whole object stays inside the picture.
+        x, y = (min(max(IMAGE_SIZE * a + _uniform(-jitter, jitter, generator), size / 2),
+                    IMAGE_SIZE - size / 2) for a in anchor)
+        return Scene(prompt.colour, prompt.shape, background, x, y, size)
+
+    def batch_for(self, prompts, generator):
+        """One image per prompt, each a fresh random scene that satisfies it."""
+        scenes = [self.scene_for(p, generator) for p in prompts]
+        return Batch(render(scenes), [p.caption for p in prompts], scenes)
+
+    def training_batch(self, batch_size, generator):
+        """A batch from the training distribution: a family uniformly, then one of its training
+        prompts uniformly, then a random scene for it."""
+        pools = {f: self.training_prompts(f) for f in FAMILIES}
+        prompts = [_choice(pools[_choice(FAMILIES, generator)], generator)
+                   for _ in range(batch_size)]
+        return self.batch_for(prompts, generator)
+
+
+def world(name):
+    """The world called `name`: "shapes" (the default), then "+word" for each word it adds, from
+    EXTRA_PALETTE and EXTRA_SHAPES: "shapes+purple", "shapes+purple+star" (EXTENDED)."""
+    base, *extra = name.split("+")
+    unknown = [w for w in extra if w not in ALL_COLOURS[len(COLOURS):] + EXTRA_SHAPES]
+    if base != "shapes" or unknown or len(set(extra)) != len(extra):
+        raise ValueError(f"unknown world {name!r}: 'shapes', then '+word' for each of "
+                         f"{ALL_COLOURS[len(COLOURS):] + EXTRA_SHAPES} it adds")
+    # In ALL_COLOURS / ALL_SHAPES order, whatever the name's: "shapes+star+purple" is the same.
+    return World(tuple(c for c in ALL_COLOURS if c in COLOURS or c in extra),
+                 tuple(s for s in ALL_SHAPES if s in SHAPES or s in extra))
 
 
 def shape_masks(scenes, image_size=IMAGE_SIZE):
@@ -191,14 +278,44 @@ def shape_masks(scenes, image_size=IMAGE_SIZE):
         # size/2 over the height, i.e. it is half the depth below the apex.
         "triangle": inside_box & (dx.abs() <= (dy + half) / 2),
     }
+    if any(s.shape == "star" for s in scenes):
+        masks["star"] = _star_mask(dx, dy, half)
     return torch.stack([masks[s.shape][i] for i, s in enumerate(scenes)])
+
+
+# A regular star {5/2}: outer radius R, inner r = R cos 72° / cos 36°. It is 2 R sin 72° wide and
+# R (1 + cos 36°) tall, so with its width the box side, its box is 0.95 as tall as wide.
+STAR_INNER = math.cos(math.radians(72)) / math.cos(math.radians(36))   # r / R = 0.382
+
+
+def _star_mask(dx, dy, half):
+    """(B, H, W): pixel centres inside an upright five-pointed star, its box `2 half` wide and
+    centred at dx = dy = 0 (dx (B, 1, W), dy (B, H, 1), half (B, 1, 1))."""
+    outer = half / math.sin(math.radians(72))                      # R, (B, 1, 1)
+    # The star's centre sits below its box's: the top point is R above it, the bottom points
+    # R cos 36° below.
+    centre_y = outer * (1 - math.cos(math.radians(36))) / 2
+    angles = [-math.pi / 2 + k * math.pi / 5 for k in range(10)]   # top point first, clockwise
+    radii = [outer if k % 2 == 0 else outer * STAR_INNER for k in range(10)]
+    xs = [r * math.cos(a) for r, a in zip(radii, angles)]
+    ys = [centre_y + r * math.sin(a) for r, a in zip(radii, angles)]
+    # Even-odd rule: a point is inside if a ray to its right crosses the outline an odd number
+    # of times.
+    inside = torch.zeros(torch.broadcast_shapes(dx.shape, dy.shape), dtype=torch.bool)
+    for k in range(10):
+        x1, y1, x2, y2 = xs[k], ys[k], xs[k - 1], ys[k - 1]
+        straddles = (y1 > dy) != (y2 > dy)                          # (B, H, 1)
+        # where the edge meets the row; nan on horizontal edges, which never straddle
+        x_cross = x1 + (dy - y1) * (x2 - x1) / (y2 - y1)
+        inside ^= straddles & (dx < x_cross)
+    return inside
 
 
 def render(scenes, image_size=IMAGE_SIZE):
     """Scenes -> images (B, 3, H, W) in [-1, 1], hard-edged (no anti-aliasing)."""
     masks = shape_masks(scenes, image_size)[:, None]                           # (B, 1, H, W)
-    colour = torch.tensor([PALETTE[s.colour] for s in scenes])[:, :, None, None]      # (B, 3, 1, 1)
-    background = torch.tensor([PALETTE[s.background] for s in scenes])[:, :, None, None]
+    colour = torch.tensor([RGB[s.colour] for s in scenes])[:, :, None, None]   # (B, 3, 1, 1)
+    background = torch.tensor([RGB[s.background] for s in scenes])[:, :, None, None]
     return torch.where(masks, colour, background) * 2 - 1
 
 
@@ -209,15 +326,18 @@ class Batch:
     scenes: list           # B Scene, the ground truth
 
 
-def batch_for(prompts, generator):
-    """One image per prompt, each a fresh random scene that satisfies it."""
-    scenes = [scene_for(p, generator) for p in prompts]
-    return Batch(render(scenes), [p.caption for p in prompts], scenes)
+# The default world, the one the shipped model learnt, and the largest one.
+DEFAULT = World()
+EXTENDED = world("shapes+purple+star")
+# The LoRA's data (issue 13 part 7): the extended world's captions naming a new word.
+NEW_CONCEPTS = EXTENDED.naming(*EXTRA_PALETTE, *EXTRA_SHAPES)
 
-
-def training_batch(batch_size, generator):
-    """A batch from the training distribution: a family uniformly, then one of its training
-    prompts uniformly, then a random scene for it."""
-    pools = {f: training_prompts(f) for f in FAMILIES}
-    prompts = [_choice(pools[_choice(FAMILIES, generator)], generator) for _ in range(batch_size)]
-    return batch_for(prompts, generator)
+# The default world's methods, as the module's functions (`training_batch` is a data function of
+# ldm.train).
+parse_caption = DEFAULT.parse_caption
+all_prompts = DEFAULT.all_prompts
+training_prompts = DEFAULT.training_prompts
+held_out_prompts = DEFAULT.held_out_prompts
+scene_for = DEFAULT.scene_for
+batch_for = DEFAULT.batch_for
+training_batch = DEFAULT.training_batch
