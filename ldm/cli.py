@@ -24,6 +24,7 @@ raises instead of reporting.
 """
 import argparse
 import hashlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ from ldm import arguments
 from ldm import schedule as noise_schedule
 from ldm.checkpoint import CheckpointError
 from ldm.config import PRESETS
+from ldm.hires import DEFAULT_STRENGTH, UPSCALERS
 from ldm.loader import DEFAULT_CHECKPOINT, load
 from ldm.outputs import (_TEMPORARY, _host, _temporary, remove_stale_temporaries,  # noqa: F401
                          save_images, series_name, write_png)
@@ -86,12 +88,26 @@ def build_parser():
                              "(sd_xl_refiner_1.0.safetensors) that takes over the last steps")
             sub.add_argument("--refiner-start", type=float, default=0.8, help="the share of "
                              "the steps the base model runs before the refiner (default 0.8)")
+            _add_hires(sub)
         _add_common(sub)
     from ldm import generate  # here, not at the top: ldm.generate imports this module
     generate.add_arguments(commands.add_parser(
         "generate", help="generate images for every prompt of a file (torchrun: in parallel)",
         description=generate.DESCRIPTION))
     return parser
+
+
+def _add_hires(sub):
+    sub.add_argument("--hires-scale", type=float, help="A1111's hires fix: draw at the native "
+                     "size (--height, --width), upscale by this factor (> 1), then denoise again "
+                     "at that size as img2img")
+    sub.add_argument("--hires-strength", type=float, help="denoising strength of the hires "
+                     f"pass, in (0, 1] (default {DEFAULT_STRENGTH})")
+    sub.add_argument("--hires-steps", type=int, help="steps the hires pass runs (default: "
+                     "--steps), of a schedule of steps / strength as A1111's")
+    sub.add_argument("--hires-upscaler", choices=UPSCALERS, help="latent (default: the "
+                     "latents interpolated, A1111's \"Latent\"), A1111's other latent modes, or "
+                     "pixel (decode, Lanczos, encode)")
 
 
 def _add_common(sub):
@@ -222,10 +238,17 @@ def _generate(pipe, args, seed, inputs):
         refiner = dict(refiner=inputs["refiner"], refiner_start=args.refiner_start) \
             if "refiner" in inputs else {}
         return pipe.txt2img(args.prompt, height=args.height, width=args.width, **refiner,
-                            **common)
+                            **_hires_options(args), **common)
     if args.command == "img2img":
         return pipe.img2img(inputs["image"], args.prompt, strength=args.strength, **common)
     return pipe.inpaint(inputs["image"], inputs["mask"], args.prompt, **common)
+
+
+def _hires_options(args):
+    """txt2img's hires_* keywords from the flags given (the rest keep the library's defaults)."""
+    given = {"hires_scale": args.hires_scale, "hires_strength": args.hires_strength,
+             "hires_steps": args.hires_steps, "hires_upscale": args.hires_upscaler}
+    return {keyword: value for keyword, value in given.items() if value is not None}
 
 
 # ---------------------------------------------------------------- checks before loading
@@ -269,6 +292,7 @@ def _check_values(args):
         if value is not None and (value <= 0 or value % SIZE_MULTIPLE):
             raise UsageError(f"argument --{name}: must be a positive multiple of "
                              f"{SIZE_MULTIPLE}, got {value}")
+    _check_hires(args)
     last = SEED_END - args.num_images  # the largest seed whose images all have seeds < 2**64
     if args.seed is not None and not 0 <= args.seed <= last:
         raise UsageError(f"argument --seed: must be in [0, 2**64 - {args.num_images}] (image i "
@@ -284,6 +308,25 @@ def _check_values(args):
                 check_value(value)
             except ValueError as e:
                 raise UsageError(f"argument {flag}: {e}") from e
+
+
+def _check_hires(args):
+    if getattr(args, "hires_scale", None) is None:
+        for flag in ("hires_strength", "hires_steps", "hires_upscaler"):
+            if getattr(args, flag, None) is not None:
+                raise UsageError(f"argument --{flag.replace('_', '-')}: applies to the hires "
+                                 "pass, which --hires-scale turns on")
+        return
+    if not 1 < args.hires_scale < math.inf:
+        raise UsageError(f"argument --hires-scale: must be a finite number > 1, got "
+                         f"{args.hires_scale}")
+    if args.hires_strength is not None and not 0 < args.hires_strength <= 1:
+        raise UsageError(f"argument --hires-strength: must be in (0, 1], got "
+                         f"{args.hires_strength}")
+    if args.hires_steps is not None and args.hires_steps < 1:
+        raise UsageError(f"argument --hires-steps: must be at least 1, got {args.hires_steps}")
+    if getattr(args, "refiner", None) is not None:
+        raise UsageError("argument --hires-scale: not supported with --refiner yet")
 
 
 def _lora_argument(text):
@@ -390,11 +433,34 @@ def _parameters(pipe, args, size):
         **({"clip_skip": str(args.clip_skip)} if args.clip_skip is not None else {}),
         **({"refiner": args.refiner.name, "refiner_start": str(args.refiner_start)}
            if getattr(args, "refiner", None) is not None else {}),
+        **_hires_parameters(pipe, args),
         **({"embeddings": ", ".join(p.name for p in args.embedding)} if args.embedding else {}),
         **({"loras": ", ".join(f"{item.name}:{item.multiplier:g}" for item in args.loaded_loras),
             "lora_hashes": ", ".join(f"{item.name}: {item.hash}" for item in args.loaded_loras)}
            if getattr(args, "loaded_loras", None) else {}),
     }
+
+
+def _hires_parameters(pipe, args):
+    """The hires pass's PNG text: its settings, and the first pass's size (A1111's "Size")."""
+    if getattr(args, "hires_scale", None) is None:
+        return {}
+    native, strength = pipe.config.image_size, args.hires_strength or DEFAULT_STRENGTH
+    return {"hires_scale": f"{args.hires_scale:g}", "hires_strength": f"{strength:g}",
+            **({"hires_steps": str(args.hires_steps)} if args.hires_steps is not None else {}),
+            "hires_upscaler": args.hires_upscaler or "latent",
+            "first_pass_size": f"{args.width or native}x{args.height or native}"}
+
+
+def _a1111_hires(info):
+    """A1111's hires fields, in its order: "Denoising strength" with the main fields, then
+    "Hires upscale", "Hires steps" (only when given), "Hires upscaler"."""
+    if "hires_scale" not in info:
+        return "", ""
+    steps = f", Hires steps: {info['hires_steps']}" if "hires_steps" in info else ""
+    return (f", Denoising strength: {info['hires_strength']}",
+            f", Hires upscale: {info['hires_scale']}{steps}, Hires upscaler: "
+            f"{UPSCALERS[info['hires_upscaler']][0]}")
 
 
 def _with_seed(info, seed, index):
@@ -404,12 +470,14 @@ def _with_seed(info, seed, index):
     # A1111 writes a LoRA as a tag in the prompt, <lora:name:multiplier>, with its hash below
     tags = "".join(f" <lora:{entry}>" for entry in info["loras"].split(", ")) \
         if "loras" in info else ""
+    strength, upscale = _a1111_hires(info)
     parameters = (f"{info['prompt']}{tags}\nNegative prompt: {info['negative_prompt']}\n"
                   f"Steps: {info['steps']}, Sampler: {a1111_sampler}, "
                   + (f"Schedule type: {a1111_schedule}, " if a1111_schedule else "")
-                  + f"CFG scale: {info['cfg_scale']}, Seed: {seed}, Size: {info['size']}, "
-                  f"Model hash: {info['model_sha256'][:10]}, Model: {info['model']}"
-                  + (f", Clip skip: {info['clip_skip']}" if "clip_skip" in info else "")
+                  + f"CFG scale: {info['cfg_scale']}, Seed: {seed}, "
+                  f"Size: {info.get('first_pass_size', info['size'])}, "
+                  f"Model hash: {info['model_sha256'][:10]}, Model: {info['model']}" + strength
+                  + (f", Clip skip: {info['clip_skip']}" if "clip_skip" in info else "") + upscale
                   + (f", Refiner: {info['refiner']}, Refiner switch at: {info['refiner_start']}"
                      if "refiner" in info else "")
                   + _a1111_emphasis(info)

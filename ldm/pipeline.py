@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm import arguments, embeddings, lora, samplers, vae_tiling
+from ldm import arguments, embeddings, hires, lora, offload, samplers, vae_tiling
 from ldm import prompts as prompt_lib  # not `prompts`: the methods' locals use that name
 from ldm import schedule as noise_schedule
 from ldm.config import ModelConfig
@@ -80,6 +80,7 @@ class StableDiffusion(nn.Module):
         self.memory_limit = None
         self.vae_tile_size = "auto"  # decode_latents' and encode_image's default tile_size
         self.embeddings = {}  # trigger word -> {text encoder attribute: (n, D) vectors}
+        self._offload = None  # enable_offload's hooks, while on
 
     def _build_text_encoders(self, config):
         if config.text_encoder not in TEXT_ENCODERS:
@@ -96,8 +97,33 @@ class StableDiffusion(nn.Module):
 
     @property
     def device(self):
-        """Where the U-Net's weights are, hence where sampling runs."""
+        """Where sampling runs: where the U-Net's weights are, or the execution device of
+        `enable_offload` while the weights wait on the CPU."""
+        if self._offload is not None:
+            return self._offload.device
         return next(self.unet.parameters()).device
+
+    # ---------------------------------------------------------------- memory
+    def enable_offload(self, mode="model", *, device=None):
+        """Keep the weights in CPU memory and bring them to `device` only to run (ldm/offload.py).
+
+        mode "model": one network at a time (text encoder(s), U-Net, VAE), moved whole when it
+        is first called and sent back when another is (the U-Net stays for the whole sampling
+        loop); "sequential": each layer's weights only during its own forward, the least
+        memory and the most transfers. device: the execution device (default: where the model
+        is now if not the CPU, else CUDA). Outputs are those of the model run on `device`.
+        """
+        if device is None:
+            device = self.device if self.device.type != "cpu" else offload.default_device()
+        self.disable_offload(device="cpu")  # switching modes: nothing needs the device meanwhile
+        self._offload = offload.enable(self.networks(), mode, device)
+
+    def disable_offload(self, device=None):
+        """Remove the offload hooks; every network then lives on `device` (default: the
+        execution device)."""
+        if self._offload is not None:
+            self._offload, hooks = None, self._offload
+            hooks.remove(device)
 
     @property
     def dtype(self):
@@ -311,7 +337,8 @@ class StableDiffusion(nn.Module):
         """The U-Net as the samplers' model, (x, t, cond) -> ε (or v); replayed from CUDA graphs
         when `cuda_graphs` is on."""
         unet = self.unet
-        if self.cuda_graphs and self.device.type == "cuda":
+        # Offloading moves the weights, which a recorded graph would still read where they were
+        if self.cuda_graphs and self.device.type == "cuda" and self._offload is None:
             if self._unet_graphs.module is not self.unet:  # the U-Net was swapped for another
                 self._unet_graphs = CUDAGraphed(self.unet)
             unet = self._unet_graphs
@@ -322,7 +349,9 @@ class StableDiffusion(nn.Module):
     def txt2img(self, prompt, *, negative_prompt="", steps=None, sampler=None, schedule=None,
                 cfg_scale=None, height=None, width=None, num_images=1, seed=None,
                 generator=None, latents=None, eta=0.0, output_type="pil", callback=None,
-                progress=None, refiner=None, refiner_start=0.8, **conditioning):
+                progress=None, refiner=None, refiner_start=0.8, hires_scale=None,
+                hires_strength=hires.DEFAULT_STRENGTH, hires_steps=None, hires_upscale="latent",
+                **conditioning):
         """Generate images from text. Returns a list of PIL images ("pil"), the final latents
         (B, 4, h, w) before the VAE ("latent"), or images (B, 3, H, W) in [-1, 1] ("tensor").
 
@@ -344,6 +373,15 @@ class StableDiffusion(nn.Module):
         **conditioning: SDXL's micro-conditioning (`StableDiffusionXL.encode_prompt`):
         original_size, crops_coords_top_left, target_size; aesthetic_score and
         negative_aesthetic_score for a refiner. Each model takes the numbers it knows.
+        hires_scale: AUTOMATIC1111's "Hires. fix" (`ldm.hires`), off when None: the images
+        drawn at height × width are upscaled by this factor (> 1; the size rounded down to a
+        multiple of 8) with `hires_upscale` (`hires.UPSCALERS`: "latent" interpolates the
+        latents, as A1111's default; "pixel" resizes the decoded image with Lanczos), then
+        denoised again there as img2img with `hires_strength` in (0, 1], running
+        `hires_steps` steps (default: `steps`) of a schedule of hires_steps / hires_strength,
+        as A1111 counts them. The second pass has the first's prompts, sampler, guidance and
+        per-image seeds (noise drawn as img2img with the same seed draws it); SDXL's sizes
+        are the target's. callback runs in both passes, its step index starting at 0 in each.
 
         Every argument is checked before any work (`ldm.arguments`): TypeError or ValueError
         naming it. A NumPy scalar counts as the Python number; seed is any integer, taken
@@ -358,6 +396,15 @@ class StableDiffusion(nn.Module):
         size = self._image_size(h, w)
         own, refiner_options = _split_conditioning(self, refiner, conditioning)
         inputs = self._conditioning_inputs("txt2img", own, *size)
+        upscaling = hires.Hires.check(hires_scale, hires_strength, hires_steps, hires_upscale)
+        if upscaling is not None:
+            if refiner is not None:
+                raise ValueError("hires_scale with a refiner is not supported yet: run the "
+                                 "refiner on the result (refiner.img2img)")
+            second = self._hires_plan(upscaling, size, steps, sampler, schedule, cfg_scale, eta,
+                                      output_type)
+            second_inputs = self._conditioning_inputs("txt2img", own, *second.size)
+            self._check_memory(prompt, num_images, self._latent_size(*second.size))
         handoff = None
         if refiner is not None:
             handoff = Handoff.check(self, refiner, refiner_start)
@@ -370,10 +417,33 @@ class StableDiffusion(nn.Module):
                 prompt, negative_prompt, num_images=num_images, **refiner_inputs))
         batch = len(cond["context"])
         generators = _generators(seed, generator, batch)
+        fresh = upscaling and [_copy(g) for g in generators]  # the seeds again, for pass 2
         x = self._initial_noise(latents, (batch, self.unet.config.out_channels, h, w), generators)
         z = self.denoise(x, cond, uncond, plan.timesteps, refiner=handoff,
                          **plan.options(generators, callback, progress))
+        if upscaling is not None:
+            if second_inputs != inputs:  # SDXL: the target size is in the conditioning
+                cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images,
+                                                  **second_inputs)
+            z0 = hires.upscale(self, z, self._latent_size(*second.size), upscaling.upscaler,
+                               fresh)
+            z = self._refine(z0, cond, uncond, second.plan, second.timesteps, fresh, callback,
+                             progress)
         return self._output(z, output_type)
+
+    def _hires_plan(self, upscaling, size, steps, sampler, schedule, cfg_scale, eta,
+                    output_type):
+        """The second pass of a hires fix: its pixel size, its plan (the first's settings on
+        A1111's longer schedule) and the tail of timesteps it runs."""
+        target = upscaling.target_size(*size, self.vae.config.downsampling_factor)
+        run = upscaling.steps or (self.config.sampling.steps if steps is None else steps)
+        total, run = hires.second_pass_steps(run, upscaling.strength)
+        try:
+            plan = self._plan(total, sampler, schedule, cfg_scale, eta, output_type)
+        except ValueError as e:
+            raise ValueError(f"hires_steps / hires_strength: the second pass runs {run} steps of "
+                             f"a schedule of {total} (steps / strength, as A1111): {e}") from e
+        return _HiresPass(target, plan, plan.timesteps[max(0, len(plan.timesteps) - run):])
 
     @torch.inference_mode()
     def img2img(self, image, prompt, *, strength=0.75, negative_prompt="", steps=None,
@@ -404,11 +474,15 @@ class StableDiffusion(nn.Module):
         # The original script runs int(strength * steps) steps; at least one, or nothing happens.
         steps = len(plan.timesteps)
         timesteps = plan.timesteps[steps - max(1, int(strength * steps)):]
+        z = self._refine(z0, cond, uncond, plan, timesteps, generators, callback, progress)
+        return self._output(z, output_type)
+
+    def _refine(self, z0, cond, uncond, plan, timesteps, generators, callback, progress):
+        """img2img's sampling: clean latents z0 noised to timesteps[0], then denoised."""
         x = samplers.add_noise(z0, self._noise(z0.shape, generators), timesteps[0],
                                self.alphas_cumprod)
-        z = self.denoise(x, cond, uncond, timesteps, **plan.options(generators, callback,
-                                                                    progress))
-        return self._output(z, output_type)
+        return self.denoise(x, cond, uncond, timesteps, **plan.options(generators, callback,
+                                                                        progress))
 
     @torch.inference_mode()
     def inpaint(self, image, mask, prompt, *, negative_prompt="", steps=None, sampler=None,
@@ -607,6 +681,19 @@ class _Plan:
         """denoise's keyword arguments."""
         return dict(sampler=self.sampler, cfg_scale=self.cfg_scale, eta=self.eta,
                     generator=generator, callback=callback, progress=progress)
+
+
+@dataclass(frozen=True)
+class _HiresPass:
+    """A hires fix's second pass: pixel size (H, W), its plan, the timesteps it runs."""
+    size: tuple
+    plan: _Plan
+    timesteps: torch.Tensor
+
+
+def _copy(generator):
+    """A new CPU generator in `generator`'s present state."""
+    return torch.Generator().set_state(generator.get_state())
 
 
 def _generators(seed, generator, batch):
