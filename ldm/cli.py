@@ -27,6 +27,7 @@ import hashlib
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,10 +39,13 @@ from ldm.checkpoint import CheckpointError
 from ldm.config import PRESETS
 from ldm.hires import DEFAULT_STRENGTH, UPSCALERS
 from ldm.loader import DEFAULT_CHECKPOINT, load
+from ldm.lora import find_lora
 from ldm.outputs import (_TEMPORARY, _host, _temporary, remove_stale_temporaries,  # noqa: F401
                          save_images, series_name, write_png)
+from ldm.parameters import format_parameters, parse_parameters
+from ldm.rng import RNGS
 from ldm.samplers import SAMPLERS, SCHEDULES, resolve, timesteps
-from ldm.samplers.registry import a1111_names, sampler_names
+from ldm.samplers.registry import sampler_names
 
 COMMANDS = {
     "txt2img": "generate images from a text prompt",
@@ -71,14 +75,15 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text.capitalize() + ".")
-        sub.add_argument("prompt", help='what to draw, e.g. "a red circle in the top left"')
+        sub.add_argument("prompt", nargs="?", help='what to draw, e.g. "a red circle in the top '
+                         'left" (may be left out with --from-png)')
         if name != "txt2img":
             sub.add_argument("--image", required=True, type=Path, help="the input image file")
         if name == "inpaint":
             sub.add_argument("--mask", required=True, type=Path,
                              help="mask image of the same size: white = repaint, black = keep")
         if name == "img2img":
-            sub.add_argument("--strength", type=float, default=0.75,
+            sub.add_argument("--strength", type=float,
                              help="how much to change the image, in (0, 1] (default 0.75)")
         if name == "txt2img":
             sub.add_argument("--height", type=int, help="image height, a multiple of 8 "
@@ -86,7 +91,7 @@ def build_parser():
             sub.add_argument("--width", type=int, help="image width, a multiple of 8")
             sub.add_argument("--refiner", type=Path, help="an SDXL refiner checkpoint "
                              "(sd_xl_refiner_1.0.safetensors) that takes over the last steps")
-            sub.add_argument("--refiner-start", type=float, default=0.8, help="the share of "
+            sub.add_argument("--refiner-start", type=float, help="the share of "
                              "the steps the base model runs before the refiner (default 0.8)")
             _add_hires(sub)
         _add_common(sub)
@@ -111,14 +116,14 @@ def _add_hires(sub):
 
 
 def _add_common(sub):
-    sub.add_argument("--negative-prompt", default="", help="what to steer away from")
+    sub.add_argument("--negative-prompt", help="what to steer away from")
     sub.add_argument("--ckpt", type=Path, help="a .safetensors or .ckpt Stable Diffusion 1.x, "
                      f"2.x or SDXL checkpoint (default: {DEFAULT_CHECKPOINT.name}, shipped "
                      "with ldm)")
-    sub.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
+    sub.add_argument("--prompt-syntax", choices=("a1111", "plain"),
                      help="a1111 (default): (word:1.2), [word], BREAK as AUTOMATIC1111 reads "
                      "them; plain: the prompt literally")
-    sub.add_argument("--emphasis", choices=("original", "no_norm", "comfy"), default="original",
+    sub.add_argument("--emphasis", choices=("original", "no_norm", "comfy"),
                      help="how prompt weights apply: A1111's original (default), no_norm, or "
                      "ComfyUI's")
     sub.add_argument("--clip-skip", type=int, help="A1111's CLIP skip (SD 1.x): 2 takes the "
@@ -141,7 +146,18 @@ def _add_common(sub):
                      "(default: the sampler's own; the σ samplers take any: "
                      + ", ".join(SCHEDULES) + ")")
     sub.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale; 1 = none")
-    sub.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic")
+    sub.add_argument("--eta", type=float, help="DDIM noise: 0 = deterministic")
+    sub.add_argument("--rng", choices=RNGS, help="the numbers a seed gives: cpu (default; "
+                     "torch's CPU generator, A1111's CPU) or nv (CUDA's torch.randn on any "
+                     "device: A1111's NV, and its default GPU on an NVIDIA card)")
+    sub.add_argument("--from-png", type=Path, metavar="FILE", help="regenerate the image an "
+                     "A1111 (or ldm) PNG describes: its 'parameters' text gives the prompt and "
+                     "settings, which the options given here override")
+    sub.add_argument("--lora-dir", type=Path, metavar="DIR", help="where --from-png finds the "
+                     "LoRAs its prompt's <lora:name:weight> tags name (A1111's models/Lora)")
+    sub.add_argument("--accept-differences", action="store_true", help="with --from-png, "
+                     "generate even when the PNG's settings include what ldm does not "
+                     "reproduce (hires fix, variation seeds, ...): a warning instead of an error")
     sub.add_argument("--seed", type=int, help="the same seed gives the same image; image i of a "
                      "run takes seed + i, in [0, 2**64) (default: random)")
     sub.add_argument("--num-images", type=int, default=1, help="images to make (default 1)")
@@ -214,13 +230,16 @@ def execute(args):
         pipe.vae_tile_size = args.vae_tile_size
     for path in args.embedding:
         pipe.load_embedding(path)
-    args.loaded_loras = [pipe.load_lora(path, multiplier) for path, multiplier in args.lora]
+    # (path, multiplier), or from --from-png's tags (path, multiplier, text-encoder multiplier)
+    args.loaded_loras = [pipe.load_lora(path, multiplier, text_multiplier=(text or [None])[0])
+                         for path, multiplier, *text in args.lora]
     if getattr(args, "refiner", None) is not None:
         inputs["refiner"] = load(args.refiner, device=args.device, dtype=dtype)
     seed = args.seed if args.seed is not None else int(torch.randint(2**31, ()))
     images = _generate(pipe, args, seed, inputs)
     info = _parameters(pipe, args, images[0].size)
-    texts = [_with_seed(info, seed + index, index) for index in range(len(images))]
+    texts = [_with_seed(info, seed + index, index, args.loaded_loras)
+             for index in range(len(images))]
     for path in save_images(images, texts, args.out, overwrite=args.overwrite):
         print(path)
     return 0
@@ -231,7 +250,7 @@ def _generate(pipe, args, seed, inputs):
                   schedule=args.schedule, cfg_scale=args.cfg_scale, seed=seed,
                   num_images=args.num_images, eta=args.eta,
                   progress=False if args.no_progress else None,
-                  prompt_syntax=args.prompt_syntax, emphasis=args.emphasis)
+                  prompt_syntax=args.prompt_syntax, emphasis=args.emphasis, rng=args.rng)
     if args.clip_skip is not None:
         common["clip_skip"] = args.clip_skip
     if args.command == "txt2img":
@@ -258,6 +277,9 @@ def check(args):
     Raises UsageError naming the argument; returns the input images ({"image": …, "mask": …}),
     read now so that an unreadable one is found before the load (OSError, naming the argument).
     """
+    if getattr(args, "from_png", None) is not None:
+        _from_png(args)
+    _fill_defaults(args)
     _check_values(args)
     _check_sampling(args)
     _check_device(args.device)
@@ -266,12 +288,79 @@ def check(args):
             _check_readable(f"--{flag}", getattr(args, flag))
     for path in args.embedding:
         _check_readable("--embedding", path)
-    for path, _ in args.lora:
+    for path, *_ in args.lora:
         _check_readable("--lora", path)
     inputs = {name: _open_image(f"--{name}", getattr(args, name))
               for name in ("image", "mask") if getattr(args, name, None) is not None}
     check_out(args.out)
     return inputs
+
+
+# The options --from-png may fill: (PNG keyword, its default when neither gives it).
+FROM_PNG = {"prompt": None, "negative_prompt": "", "steps": None, "sampler": None,
+            "schedule": None, "cfg_scale": None, "seed": None, "height": None, "width": None,
+            "clip_skip": None, "prompt_syntax": "a1111", "emphasis": "original", "rng": "cpu",
+            "strength": 0.75, "eta": 0.0, "refiner_start": 0.8}
+
+
+def _fill_defaults(args):
+    for name, default in FROM_PNG.items():
+        if hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.prompt is None:
+        raise UsageError("a prompt is required (or --from-png FILE)")
+
+
+def _from_png(args):
+    """Fill the options not given on the command line from the PNG's "parameters" text."""
+    _check_readable("--from-png", args.from_png)
+    try:
+        with Image.open(args.from_png) as image:
+            text = image.info.get("parameters")
+    except (OSError, Image.DecompressionBombError) as e:
+        raise UsageError(f"argument --from-png: cannot read {args.from_png}: {e}") from e
+    if not isinstance(text, str):
+        raise UsageError(f"argument --from-png: {args.from_png} has no 'parameters' text")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = parse_parameters(text, strict=False)
+    except ValueError as e:
+        raise UsageError(f"argument --from-png: {e}") from e
+    given = {name for name in FROM_PNG if getattr(args, name, None) is not None}
+    # What the command line overrides is no longer a difference
+    overridden = {"Sampler": "sampler", "RNG": "rng", "Emphasis": "emphasis"}
+    unsupported = {key: why for key, why in found.unsupported.items()
+                   if overridden.get(key) not in given}
+    if unsupported:
+        listing = "; ".join(f"{key}: {why}" for key, why in unsupported.items())
+        if not args.accept_differences:
+            raise UsageError(f"argument --from-png: ldm does not reproduce {listing} "
+                             "(--accept-differences to generate anyway)")
+        print(f"python -m ldm {args.command}: warning: ldm does not reproduce {listing}",
+              file=sys.stderr)
+    if found.task == "img2img" and args.command == "txt2img":
+        raise UsageError(f"argument --from-png: {args.from_png} was made by img2img "
+                         f"(Denoising strength {found.kwargs['strength']}): use python -m ldm "
+                         "img2img --image SOURCE --from-png")
+    for name, value in found.kwargs.items():
+        if hasattr(args, name) and name not in given:
+            setattr(args, name, value)
+    args.lora += _png_loras(args, found)
+
+
+def _png_loras(args, found):
+    """(path, multiplier, text multiplier) for the PNG's <lora:…> tags not given by --lora."""
+    named = {path.stem for path, *_ in args.lora}
+    tags = [tag for tag in found.loras if tag.name not in named]
+    if tags and args.lora_dir is None:
+        raise UsageError(f"argument --from-png: its prompt uses LoRA(s) "
+                         f"{', '.join(tag.name for tag in tags)}: give --lora-dir (or --lora)")
+    try:
+        return [(find_lora(tag.name, args.lora_dir), tag.multiplier, tag.text_multiplier)
+                for tag in tags]
+    except FileNotFoundError as e:
+        raise UsageError(f"argument --lora-dir: {e}") from e
 
 
 def _check_values(args):
@@ -430,6 +519,8 @@ def _parameters(pipe, args, size):
         "cfg_scale": str(args.cfg_scale if args.cfg_scale is not None else sampling.cfg_scale),
         "size": f"{size[0]}x{size[1]}", "model": ckpt.name, "model_sha256": _sha256(ckpt),
         "command": args.command, "prompt_syntax": args.prompt_syntax, "emphasis": args.emphasis,
+        "rng": args.rng, **({"strength": str(args.strength)} if args.command == "img2img" else {}),
+        **({"eta": str(args.eta)} if args.eta else {}),
         **({"clip_skip": str(args.clip_skip)} if args.clip_skip is not None else {}),
         **({"refiner": args.refiner.name, "refiner_start": str(args.refiner_start)}
            if getattr(args, "refiner", None) is not None else {}),
@@ -453,44 +544,35 @@ def _hires_parameters(pipe, args):
 
 
 def _a1111_hires(info):
-    """A1111's hires fields, in its order: "Denoising strength" with the main fields, then
-    "Hires upscale", "Hires steps" (only when given), "Hires upscaler"."""
+    """A1111's hires entries: "Hires upscale", "Hires steps" (only when given), "Hires
+    upscaler" (its "Denoising strength" is the hires strength, a setting)."""
     if "hires_scale" not in info:
-        return "", ""
-    steps = f", Hires steps: {info['hires_steps']}" if "hires_steps" in info else ""
-    return (f", Denoising strength: {info['hires_strength']}",
-            f", Hires upscale: {info['hires_scale']}{steps}, Hires upscaler: "
-            f"{UPSCALERS[info['hires_upscaler']][0]}")
+        return {}
+    return {"Hires upscale": info["hires_scale"],
+            **({"Hires steps": info["hires_steps"]} if "hires_steps" in info else {}),
+            "Hires upscaler": UPSCALERS[info["hires_upscaler"]][0]}
 
 
-def _with_seed(info, seed, index):
-    """One image's text chunks: its own seed, and the "parameters" summary A1111 writes (its
-    sampler and schedule names, so A1111's PNG Info and `samplers.from_a1111` read it)."""
-    a1111_sampler, a1111_schedule = a1111_names(SAMPLERS[info["sampler"]], info["schedule"])
-    # A1111 writes a LoRA as a tag in the prompt, <lora:name:multiplier>, with its hash below
-    tags = "".join(f" <lora:{entry}>" for entry in info["loras"].split(", ")) \
-        if "loras" in info else ""
-    strength, upscale = _a1111_hires(info)
-    parameters = (f"{info['prompt']}{tags}\nNegative prompt: {info['negative_prompt']}\n"
-                  f"Steps: {info['steps']}, Sampler: {a1111_sampler}, "
-                  + (f"Schedule type: {a1111_schedule}, " if a1111_schedule else "")
-                  + f"CFG scale: {info['cfg_scale']}, Seed: {seed}, "
-                  f"Size: {info.get('first_pass_size', info['size'])}, "
-                  f"Model hash: {info['model_sha256'][:10]}, Model: {info['model']}" + strength
-                  + (f", Clip skip: {info['clip_skip']}" if "clip_skip" in info else "") + upscale
-                  + (f", Refiner: {info['refiner']}, Refiner switch at: {info['refiner_start']}"
-                     if "refiner" in info else "")
-                  + _a1111_emphasis(info)
-                  + (f', Lora hashes: "{info["lora_hashes"]}"' if "lora_hashes" in info else ""))
+def _with_seed(info, seed, index, loras=()):
+    """One image's text chunks: its own seed, and the "parameters" text A1111 writes
+    (`ldm.parameters.format_parameters`, which `parse_parameters` and --from-png read back).
+    With a hires pass, "Size" is the first pass's, as A1111 writes it."""
+    width, height = map(int, info.get("first_pass_size", info["size"]).split("x"))
+    settings = dict(prompt=info["prompt"], negative_prompt=info["negative_prompt"],
+                    steps=int(info["steps"]), sampler=info["sampler"], schedule=info["schedule"],
+                    cfg_scale=float(info["cfg_scale"]), seed=seed, width=width, height=height,
+                    prompt_syntax=info["prompt_syntax"], emphasis=info["emphasis"],
+                    rng=info["rng"])
+    for name, kind in (("clip_skip", int), ("strength", float), ("eta", float),
+                       ("refiner_start", float)):
+        if name in info:
+            settings[name] = kind(info[name])
+    if "hires_strength" in info:
+        settings["strength"] = float(info["hires_strength"])
+    extra = {"Model hash": info["model_sha256"][:10], "Model": info["model"],
+             **({"Refiner": info["refiner"]} if "refiner" in info else {}), **_a1111_hires(info)}
+    parameters = format_parameters(settings, loras=loras, info=extra)
     return {**info, "seed": str(seed), "image_index": str(index), "parameters": parameters}
-
-
-def _a1111_emphasis(info):
-    """A1111's "Emphasis:" entry, written when not its default ("Original"); ComfyUI's
-    interpolation has no A1111 name, and stays in the "emphasis" chunk only."""
-    if info["prompt_syntax"] == "plain":
-        return ", Emphasis: None"
-    return ", Emphasis: No norm" if info["emphasis"] == "no_norm" else ""
 
 
 def _sha256(path):

@@ -42,6 +42,7 @@ from ldm.models.clip_text import CLIPTextModel
 from ldm.models.open_clip_text import OpenCLIPTextModel
 from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL
+from ldm.rng import PhiloxGenerator, check_rng, generators as seeded_generators
 from ldm.tokenizer import CLIPTokenizer
 
 # Text encoder and tokenizer of each family (ModelConfig.text_encoder): SD 1.x, SD 2.x.
@@ -348,8 +349,8 @@ class StableDiffusion(nn.Module):
     @torch.inference_mode()
     def txt2img(self, prompt, *, negative_prompt="", steps=None, sampler=None, schedule=None,
                 cfg_scale=None, height=None, width=None, num_images=1, seed=None,
-                generator=None, latents=None, eta=0.0, output_type="pil", callback=None,
-                progress=None, refiner=None, refiner_start=0.8, hires_scale=None,
+                generator=None, rng="cpu", latents=None, eta=0.0, output_type="pil",
+                callback=None, progress=None, refiner=None, refiner_start=0.8, hires_scale=None,
                 hires_strength=hires.DEFAULT_STRENGTH, hires_steps=None, hires_upscale="latent",
                 **conditioning):
         """Generate images from text. Returns a list of PIL images ("pil"), the final latents
@@ -364,7 +365,9 @@ class StableDiffusion(nn.Module):
         from a generator of its own (`_generators`: also what a CPU `generator`, or a list of
         one per image, means). The starting noise is drawn on the CPU in float32, then moved,
         so a seed means the same start on any device; `latents` (B, 4, h, w) gives it
-        explicitly.
+        explicitly. rng: the numbers a seed gives, "cpu" (torch's CPU generator, A1111's "CPU")
+        or "nv" (CUDA's torch.randn, computed on the CPU: A1111's "NV", and its default "GPU"
+        on an NVIDIA card; `ldm.rng`).
         eta, callback, progress: see `denoise`.
         refiner: an SDXL refiner (`ldm.load("sd_xl_refiner_1.0.safetensors")`) that takes over
         the steps after the share `refiner_start` of the noise schedule (0.8: the last 20 %,
@@ -390,6 +393,7 @@ class StableDiffusion(nn.Module):
         """
         self._require_plain_unet("txt2img")
         seed, latents = arguments.check_seed(seed), arguments.check_latents(latents)
+        check_rng(rng)
         arguments.check_hooks(callback, progress)
         plan = self._plan(steps, sampler, schedule, cfg_scale, eta, output_type)
         h, w = self._latent_size(height, width)
@@ -416,7 +420,7 @@ class StableDiffusion(nn.Module):
             handoff = handoff.conditioned(*refiner.encode_prompt(
                 prompt, negative_prompt, num_images=num_images, **refiner_inputs))
         batch = len(cond["context"])
-        generators = _generators(seed, generator, batch)
+        generators = _generators(seed, generator, batch, rng)
         fresh = upscaling and [_copy(g) for g in generators]  # the seeds again, for pass 2
         x = self._initial_noise(latents, (batch, self.unet.config.out_channels, h, w), generators)
         z = self.denoise(x, cond, uncond, plan.timesteps, refiner=handoff,
@@ -448,8 +452,8 @@ class StableDiffusion(nn.Module):
     @torch.inference_mode()
     def img2img(self, image, prompt, *, strength=0.75, negative_prompt="", steps=None,
                 sampler=None, schedule=None, cfg_scale=None, num_images=1, seed=None,
-                generator=None, eta=0.0, output_type="pil", callback=None, progress=None,
-                **conditioning):
+                generator=None, rng="cpu", eta=0.0, output_type="pil", callback=None,
+                progress=None, **conditioning):
         """Re-imagine `image` (PIL, list, or (B, 3, H, W) in [-1, 1]) following `prompt`.
 
         strength in (0, 1]: the share of the `steps` schedule that is re-run; the image is
@@ -459,6 +463,7 @@ class StableDiffusion(nn.Module):
         scale; alpha composited on white): see `ldm.images`.
         """
         strength, seed = arguments.check_strength(strength), arguments.check_seed(seed)
+        check_rng(rng)
         arguments.check_hooks(callback, progress)
         self._require_plain_unet("img2img")
         plan = self._plan(steps, sampler, schedule, cfg_scale, eta, output_type)
@@ -469,7 +474,7 @@ class StableDiffusion(nn.Module):
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images,
                                           **inputs)
         batch = len(cond["context"])
-        generators = _generators(seed, generator, batch)
+        generators = _generators(seed, generator, batch, rng)
         z0 = self.encode_image(_batch(pixels, batch, "image"), generators)
         # The original script runs int(strength * steps) steps; at least one, or nothing happens.
         steps = len(plan.timesteps)
@@ -486,8 +491,9 @@ class StableDiffusion(nn.Module):
 
     @torch.inference_mode()
     def inpaint(self, image, mask, prompt, *, negative_prompt="", steps=None, sampler=None,
-                schedule=None, cfg_scale=None, num_images=1, seed=None, generator=None, eta=0.0,
-                output_type="pil", callback=None, progress=None, **conditioning):
+                schedule=None, cfg_scale=None, num_images=1, seed=None, generator=None,
+                rng="cpu", eta=0.0, output_type="pil", callback=None, progress=None,
+                **conditioning):
         """Repaint the white part of `mask` in `image` following `prompt`.
 
         With an inpainting checkpoint (9 input channels) the U-Net sees the mask and the
@@ -497,6 +503,7 @@ class StableDiffusion(nn.Module):
         in any PIL mode (a mask's alpha composited on black, "keep"): see `ldm.images`.
         """
         seed = arguments.check_seed(seed)
+        check_rng(rng)
         arguments.check_hooks(callback, progress)
         plan = self._plan(steps, sampler, schedule, cfg_scale, eta, output_type)
         image_size, mask_size = image_shape(image)[1:], image_shape(mask, name="mask")[1:]
@@ -510,7 +517,7 @@ class StableDiffusion(nn.Module):
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images,
                                           **inputs)
         batch = len(cond["context"])
-        generators = _generators(seed, generator, batch)
+        generators = _generators(seed, generator, batch, rng)
         pixels, repaint = _batch(pixels, batch, "image"), _batch(repaint, batch, "mask")
         latent_mask = F.interpolate(repaint, size=size, mode="nearest").to(self.device, self.dtype)
         x = self._noise((batch, self.unet.config.out_channels, *size), generators)
@@ -692,31 +699,38 @@ class _HiresPass:
 
 
 def _copy(generator):
-    """A new CPU generator in `generator`'s present state."""
+    """A new generator in `generator`'s present state (a CPU torch.Generator or a
+    PhiloxGenerator)."""
+    if isinstance(generator, PhiloxGenerator):
+        twin = PhiloxGenerator(generator.initial_seed())
+        twin.offset = generator.offset
+        return twin
     return torch.Generator().set_state(generator.get_state())
 
 
-def _generators(seed, generator, batch):
-    """`batch` CPU generators, image i's seeded s + i, so that image i of a batch is exactly
+def _generators(seed, generator, batch, rng="cpu"):
+    """`batch` generators of kind `rng` (ldm.rng: CPU torch.Generators, or PhiloxGenerators
+    for "nv"), image i's seeded s + i, so that image i of a batch is exactly
     the image of seed s + i alone (AUTOMATIC1111's rule): every noise an image gets (starting
     noise, posterior sample, img2img's and inpainting's noising, each step's noise) is drawn
     from its own generator, whatever else is in the batch.
 
     s is `seed`. A CPU `generator` (which wins over a seed) stands for the s drawn from it:
     one generator state gives one batch, and a generator used again gives new images. With
-    neither, s is random. A list of `batch` CPU generators is used as given, one per image.
+    neither, s is random. A list of `batch` CPU torch.Generators or PhiloxGenerators is used as
+    given, one per image.
     Seeds are taken modulo 2**64, as torch.Generator.manual_seed takes negative ones.
     """
     if isinstance(generator, (list, tuple)):
         if len(generator) != batch:
             raise ValueError(f"generator is a list of {len(generator)} for {batch} images; "
                              "give one generator, or one per image")
-        return [_cpu(g) for g in generator]
+        return [g if isinstance(g, PhiloxGenerator) else _cpu(g) for g in generator]
     if generator is not None:
         seed = int(torch.randint(2**63 - 1, (), generator=_cpu(generator)))
     elif seed is None:
         seed = torch.Generator().seed()  # random, without touching torch's global generator
-    return [torch.Generator().manual_seed((int(seed) + i) % 2**64) for i in range(batch)]
+    return seeded_generators(seed, batch, rng)
 
 
 def _cpu(generator):
@@ -730,12 +744,14 @@ def _cpu(generator):
 
 def _on_device(generators, device):
     """The samplers draw their per-step noise on the latents' device: on a GPU, one generator
-    there per CPU generator, seeded from it (the draw of a seed itself on the CPU)."""
-    if device.type == "cpu" or generators is None:
+    there per CPU generator, seeded from it (the draw of a seed itself on the CPU). A
+    PhiloxGenerator stays: its numbers are CUDA's on any device, drawn on the CPU and moved."""
+    if device.type == "cpu" or generators is None or isinstance(generators, PhiloxGenerator):
         return generators
     if isinstance(generators, torch.Generator):
         return _on_device([generators], device)[0]
-    return [torch.Generator(device).manual_seed(int(torch.randint(2**62, (), generator=g)))
+    return [g if isinstance(g, PhiloxGenerator)
+            else torch.Generator(device).manual_seed(int(torch.randint(2**62, (), generator=g)))
             for g in generators]
 
 

@@ -195,15 +195,15 @@ def test_cli_writes_a1111s_hires_fields(tmp_path):
     parameters = image.text["parameters"]
     assert ("Steps: 3, Sampler: Euler, Schedule type: DDIM, CFG scale: 3.0, Seed: 5, "
             "Size: 32x32, ") in parameters  # A1111's Size is the first pass's
-    assert parameters.endswith("Model: tiny-shapes.safetensors, Denoising strength: 0.5, "
-                               "Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent")
+    assert ("Model: tiny-shapes.safetensors, Denoising strength: 0.5, RNG: CPU, "
+            "Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent, Version: ldm ") in parameters
     assert image.text["hires_upscaler"] == "latent" and image.text["size"] == "64x64"
 
     assert cli.main(["txt2img", *common, "--out", str(tmp_path / "b.png"), "--hires-scale",
                      "1.5", "--hires-upscaler", "pixel"]) == 0
     parameters = Image.open(tmp_path / "b.png").text["parameters"]
-    assert parameters.endswith("Denoising strength: 0.7, Hires upscale: 1.5, Hires upscaler: "
-                               "Lanczos")  # no "Hires steps" when not given, as A1111
+    assert ("Denoising strength: 0.7, RNG: CPU, Hires upscale: 1.5, Hires upscaler: Lanczos, "
+            "Version") in parameters  # no "Hires steps" when not given, as A1111
 
 
 @pytest.mark.parametrize("flags, message", [
