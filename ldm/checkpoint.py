@@ -26,6 +26,7 @@ Hostile files are refused before they cost memory: a zip's declared sizes are ch
 torch reads an entry, and every weight is checked for its dtype and for NaN/infinity as it is read.
 """
 import errno
+import hashlib
 import json
 import os
 import pickle
@@ -120,6 +121,15 @@ class Checkpoint:
 
     def has_prefix(self, prefix):
         return any(name.startswith(prefix) for name in self.shapes)
+
+
+def sha256_file(path):
+    """Hex sha256 of a file's bytes, read in 16 MiB blocks (checkpoints exceed memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def open_checkpoint(path, *, mmap=False):

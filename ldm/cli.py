@@ -23,7 +23,6 @@ Failures (`run`, what `python -m ldm` calls) are one line on stderr and an exit 
 raises instead of reporting.
 """
 import argparse
-import hashlib
 import math
 import os
 import sys
@@ -35,7 +34,7 @@ from PIL import Image
 
 from ldm import arguments
 from ldm import schedule as noise_schedule
-from ldm.checkpoint import CheckpointError
+from ldm.checkpoint import CheckpointError, sha256_file
 from ldm.config import PRESETS
 from ldm.hires import DEFAULT_STRENGTH, UPSCALERS
 from ldm.loader import DEFAULT_CHECKPOINT, load
@@ -517,7 +516,7 @@ def _parameters(pipe, args, size):
         "prompt": args.prompt, "negative_prompt": args.negative_prompt,
         "sampler": sampler.name, "schedule": schedule, "steps": str(args.steps or sampling.steps),
         "cfg_scale": str(args.cfg_scale if args.cfg_scale is not None else sampling.cfg_scale),
-        "size": f"{size[0]}x{size[1]}", "model": ckpt.name, "model_sha256": _sha256(ckpt),
+        "size": f"{size[0]}x{size[1]}", "model": ckpt.name, "model_sha256": sha256_file(ckpt),
         "command": args.command, "prompt_syntax": args.prompt_syntax, "emphasis": args.emphasis,
         "rng": args.rng, **({"strength": str(args.strength)} if args.command == "img2img" else {}),
         **({"eta": str(args.eta)} if args.eta else {}),
@@ -574,13 +573,6 @@ def _with_seed(info, seed, index, loras=()):
     parameters = format_parameters(settings, loras=loras, info=extra)
     return {**info, "seed": str(seed), "image_index": str(index), "parameters": parameters}
 
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 if __name__ == "__main__":

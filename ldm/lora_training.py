@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ldm import lora
+from ldm.checkpoint import sha256_file
 from ldm.models.transformer import SpatialTransformer
 from ldm.models.unet import Downsample, ResBlock, Upsample
 
@@ -385,7 +386,7 @@ def kohya_training_metadata(config, network, steps, *, started_at, output_name, 
         metadata["ss_num_train_images"] = num_images
     if init is not None and Path(init).is_file():
         metadata.update(ss_sd_model_name=Path(init).name, ss_sd_model_hash=_legacy_hash(init),
-                        ss_new_sd_model_hash=_sha256(init))
+                        ss_new_sd_model_hash=sha256_file(init))
     return {k: str(v) for k, v in metadata.items()}
 
 
@@ -395,10 +396,3 @@ def _legacy_hash(path):
         f.seek(0x100000)
         return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

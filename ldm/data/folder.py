@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
+from ldm.checkpoint import sha256_file
 from ldm.images import to_tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -122,7 +123,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def digest(self, index):
         """SHA-256 of image `index`'s file (read once per process)."""
         if index not in self._digests:
-            self._digests[index] = _sha256(self.items[index][0])
+            self._digests[index] = sha256_file(self.items[index][0])
         return self._digests[index]
 
     def batch(self, batch_size, generator, part=None):
@@ -313,10 +314,3 @@ def _resize_and_crop(pixels, size):
     top, left = (new_h - height) // 2, (new_w - width) // 2
     return resized[..., top:top + height, left:left + width].clamp(-1, 1)  # bicubic overshoots
 
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
