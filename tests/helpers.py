@@ -116,14 +116,19 @@ def write_random_safetensors(path, manifest, seed, float_dtype=torch.float32):
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(text)) + text)
         for name, (shape, dtype) in manifest.items():
-            tensor = _random_tensor(name, shape, dtype, g)
+            tensor = random_tensor(name, shape, dtype, g)
             f.write((tensor.to(float_dtype) if dtype.is_floating_point else tensor).numpy()
                     .tobytes())
     return offset
 
 
-def _random_tensor(name, shape, dtype, g):
-    if not dtype.is_floating_point:  # position_ids
+def random_tensor(name, shape, dtype, g):
+    """A tensor of a release's name and shape with values of realistic scale: weights
+    ~ 1/sqrt(fan_in), norm scales ~ 1, biases ~ 0; integer tensors (position_ids) 0, 1, 2, …
+    along their last axis, integer scalars 0."""
+    if not dtype.is_floating_point:
+        if not shape:
+            return torch.zeros((), dtype=torch.int64)
         return torch.arange(shape[-1]).reshape(shape)
     noise = torch.randn(shape, generator=g)
     if len(shape) >= 2:

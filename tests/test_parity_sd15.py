@@ -18,7 +18,7 @@ import ldm
 from ldm import schedule
 from ldm.samplers import ddim_timesteps
 
-from helpers import (large_temporary_file, read_manifest, rel_error, tensor_bytes,
+from helpers import (large_temporary_file, random_tensor, read_manifest, rel_error, tensor_bytes,
                      write_clip_vocab_files)
 
 pytestmark = pytest.mark.slow
@@ -27,18 +27,6 @@ transformers = pytest.importorskip("transformers")
 from diffusers.loaders import single_file_utils as convert  # noqa: E402
 
 TOLERANCE = 1e-5
-
-
-def random_tensor(name, shape, dtype, g):
-    """Values of realistic scale: weights ~ 1/sqrt(fan_in), norm scales ~ 1, biases ~ 0."""
-    if dtype not in (torch.float32, torch.float16):
-        return torch.zeros(shape, dtype=dtype)  # the int scalars: replaced below
-    noise = torch.randn(shape, generator=g)
-    if len(shape) >= 2:
-        return noise / noise[0].numel() ** 0.5
-    if len(shape) == 1 and "norm" in name and name.endswith("weight"):
-        return 1.0 + 0.1 * noise
-    return 0.1 * noise
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 from diffusers.loaders import single_file_utils as convert  # noqa: E402
-from test_parity_sd15 import compare_txt2img, original_tensors, random_tensor  # noqa: E402
+from helpers import random_tensor  # noqa: E402
+from test_parity_sd15 import compare_txt2img, original_tensors  # noqa: E402
 
 
 def random_sd21_tensor(name, shape, dtype, g):
