@@ -38,7 +38,7 @@ from ldm.checkpoint import CheckpointError, sha256_file
 from ldm.config import PRESETS
 from ldm.hires import DEFAULT_STRENGTH, UPSCALERS
 from ldm.loader import DEFAULT_CHECKPOINT, load
-from ldm.lora import find_lora
+from ldm.lora import LORA_TAG, find_lora, prompt_loras
 from ldm.outputs import (_TEMPORARY, _host, _temporary, remove_stale_temporaries,  # noqa: F401
                          save_images, series_name, write_png)
 from ldm.parameters import format_parameters, parse_parameters
@@ -152,8 +152,9 @@ def _add_common(sub):
     sub.add_argument("--from-png", type=Path, metavar="FILE", help="regenerate the image an "
                      "A1111 (or ldm) PNG describes: its 'parameters' text gives the prompt and "
                      "settings, which the options given here override")
-    sub.add_argument("--lora-dir", type=Path, metavar="DIR", help="where --from-png finds the "
-                     "LoRAs its prompt's <lora:name:weight> tags name (A1111's models/Lora)")
+    sub.add_argument("--lora-dir", type=Path, metavar="DIR", help="where the LoRAs that "
+                     "<lora:name:weight> tags name (in the prompt, or --from-png's) are found "
+                     "(A1111's models/Lora)")
     sub.add_argument("--accept-differences", action="store_true", help="with --from-png, "
                      "generate even when the PNG's settings include what ldm does not "
                      "reproduce (hires fix, variation seeds, ...): a warning instead of an error")
@@ -279,6 +280,7 @@ def check(args):
     if getattr(args, "from_png", None) is not None:
         _from_png(args)
     _fill_defaults(args)
+    _prompt_tags(args)
     _check_values(args)
     _check_sampling(args)
     _check_device(args.device)
@@ -345,21 +347,36 @@ def _from_png(args):
     for name, value in found.kwargs.items():
         if hasattr(args, name) and name not in given:
             setattr(args, name, value)
-    args.lora += _png_loras(args, found)
+    args.lora += _tag_loras(args, found.loras, f"argument --from-png: {args.from_png}")
 
 
-def _png_loras(args, found):
-    """(path, multiplier, text multiplier) for the PNG's <lora:…> tags not given by --lora."""
+def _tag_loras(args, tags, source):
+    """(path, multiplier, text multiplier) for A1111 `<lora:…>` tags not given by --lora;
+    `source` names where the tags come from, for the errors."""
     named = {path.stem for path, *_ in args.lora}
-    tags = [tag for tag in found.loras if tag.name not in named]
+    tags = [tag for tag in tags if tag.name not in named]
     if tags and args.lora_dir is None:
-        raise UsageError(f"argument --from-png: its prompt uses LoRA(s) "
-                         f"{', '.join(tag.name for tag in tags)}: give --lora-dir (or --lora)")
+        raise UsageError(f"{source}: uses LoRA(s) {', '.join(tag.name for tag in tags)} in "
+                         "<lora:…> tags: give --lora-dir (or --lora)")
     try:
         return [(find_lora(tag.name, args.lora_dir), tag.multiplier, tag.text_multiplier)
                 for tag in tags]
     except FileNotFoundError as e:
         raise UsageError(f"argument --lora-dir: {e}") from e
+
+
+def _prompt_tags(args):
+    """Take A1111's `<lora:name:m>` tags out of the prompt into --lora: merged for the run and
+    written back in the PNG's parameters with their hashes, as A1111 writes them."""
+    if args.prompt_syntax == "plain":
+        return
+    if LORA_TAG.search(args.negative_prompt):
+        raise UsageError("argument --negative-prompt: <lora:…> tags are read in the prompt "
+                         "only (as A1111)")
+    prompt, tags = prompt_loras(args.prompt)
+    if tags:
+        args.prompt = prompt.strip()  # the tags go back at the end, as --lora's do
+        args.lora += _tag_loras(args, tags, "the prompt")
 
 
 def _check_values(args):

@@ -36,11 +36,13 @@ and v_proj updates in its three thirds of rows.
 
 Axis letters: r rank; out/in a weight's output/input features.
 """
+import contextlib
 import hashlib
 import json
 import math
 import re
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -724,3 +726,48 @@ def find_lora(name, lora_dir):
             return path
     raise FileNotFoundError(f"LoRA {name!r} not found in {folder} (tried "
                             f"{', '.join(p.name for p in tried)})")
+
+
+def batch_lora_tags(prompts):
+    """(the prompts without their `<lora:…>` tags, [LoRATag]) for a batch of prompts, whose
+    tags must agree: A1111 applies the first prompt's tags to its whole batch and drops the
+    others' unread; here a batch whose prompts name different LoRAs is a ValueError."""
+    stripped, found = zip(*(prompt_loras(prompt) for prompt in prompts))
+    for index, tags in enumerate(found[1:], start=1):
+        if Counter(tags) != Counter(found[0]):
+            raise ValueError(f"prompt {index} has other <lora:…> tags than prompt 0: the LoRAs "
+                             "are merged into the weights, the same for the whole batch "
+                             "(generate these prompts in separate calls)")
+    return list(stripped), list(found[0])
+
+
+@contextlib.contextmanager
+def tags_applied(pipe, tags, lora_dir):
+    """Merge the LoRAs `tags` name (files in `lora_dir`, A1111's models/Lora) for the body of
+    the `with`, then take them out again (exactly, see `unload_lora`). A tag naming a LoRA the
+    pipe already has merged with the same multipliers is already in effect and is skipped."""
+    merged = {item.name: item for item in loaded_loras(pipe)}
+    missing = []
+    for tag in tags:
+        done = merged.get(tag.name)
+        if done is None:
+            missing.append(tag)
+        elif (done.multiplier, done.text_multiplier) != (tag.multiplier, tag.text_multiplier):
+            raise ValueError(f"<lora:{tag.name}:…> asks for multipliers (text "
+                             f"{tag.text_multiplier:g}, U-Net {tag.multiplier:g}), but {tag.name} "
+                             f"is loaded with (text {done.text_multiplier:g}, U-Net "
+                             f"{done.multiplier:g}): unload it first, or drop the tag")
+    if missing and lora_dir is None:
+        raise ValueError(f"the prompt's <lora:…> tags name {', '.join(t.name for t in missing)}: "
+                         "set pipe.lora_dir to the folder of LoRA files (A1111's models/Lora), "
+                         "or load them with pipe.load_lora")
+    paths = [find_lora(tag.name, lora_dir) for tag in missing]  # all found before any merge
+    applied = []
+    try:
+        for tag, path in zip(missing, paths):
+            applied.append(load_lora(pipe, path, tag.multiplier,
+                                     text_multiplier=tag.text_multiplier))
+        yield applied
+    finally:
+        for item in reversed(applied):
+            unload_lora(pipe, item)

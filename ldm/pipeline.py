@@ -24,6 +24,8 @@ Device and dtype are decided here, once; the model code never names a device. On
 layout conversions; both are off by default until a GPU run has measured them.
 """
 import copy
+import functools
+import inspect
 import math
 import sys
 from dataclasses import dataclass
@@ -54,12 +56,50 @@ PIPE_SETTING = object()  # an argument left to the pipeline's attribute of the s
 PROMPT_OPTIONS = frozenset({"clip_skip", "prompt_syntax", "emphasis"})
 
 
+def _lora_tags_applied(task):
+    """A task that reads A1111's `<lora:name:m>` tags in its prompt: the LoRAs they name
+    (files in `pipe.lora_dir`) are merged for the call and taken out after it, exactly
+    (`lora.tags_applied`); the prompt goes on without them. prompt_syntax="plain" reads the
+    tags as text, as CompVis would. A1111 reads no tags in the negative prompt: there they are
+    a ValueError rather than words for the text encoder."""
+    signature = inspect.signature(task)
+
+    @functools.wraps(task)
+    def run(self, *args, **kwargs):
+        call = signature.bind(self, *args, **kwargs)
+        syntax = call.arguments.get("conditioning", {}).get("prompt_syntax", "a1111")
+        prompt, negative = call.arguments["prompt"], call.arguments.get("negative_prompt", "")
+        if syntax == "plain" or not _texts(prompt) or not _texts(negative):
+            return task(self, *args, **kwargs)  # bad arguments: the task names them
+        if any(lora.LORA_TAG.search(text) for text in _texts(negative)):
+            raise ValueError("negative_prompt: <lora:…> tags are read in the prompt only "
+                             "(as A1111): load the LoRA, or move the tag to the prompt")
+        stripped, tags = lora.batch_lora_tags(_texts(prompt))
+        if not tags:
+            return task(self, *args, **kwargs)
+        call.arguments["prompt"] = stripped[0] if isinstance(prompt, str) else stripped
+        with lora.tags_applied(self, tags, self.lora_dir):
+            return task(*call.args, **call.kwargs)
+    return run
+
+
+def _texts(prompt):
+    """A prompt argument's strings, or None when it is not a string or a list of them."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    return None
+
+
 class StableDiffusion(nn.Module):
     """Tokenizer, text encoder, U-Net and VAE of one latent diffusion model, plus its constants.
 
     `scale_factor` maps VAE latents to the U-Net's unit-variance latents; `alphas_cumprod`
     (float64, (1000,)) is the training noise schedule the samplers use. `cuda_graphs`: replay
     the U-Net from CUDA graphs while sampling on a GPU (see the module docstring).
+    `lora_dir`: the folder where txt2img, img2img and inpaint find the LoRA files that A1111's
+    `<lora:name:m>` tags in a prompt name (merged for that call only; `_lora_tags_applied`).
     `memory_limit`: the bytes a request may need (`arguments.estimate_memory`) before the tasks
     refuse it with a ValueError; None (default) is what the device has available at each call,
     math.inf never refuses.
@@ -80,6 +120,7 @@ class StableDiffusion(nn.Module):
         self._unet_graphs = CUDAGraphed(self.unet)
         self.memory_limit = None
         self.vae_tile_size = "auto"  # decode_latents' and encode_image's default tile_size
+        self.lora_dir = None  # where the tasks find the LoRAs of a prompt's <lora:name:m> tags
         self.embeddings = {}  # trigger word -> {text encoder attribute: (n, D) vectors}
         self._offload = None  # enable_offload's hooks, while on
 
@@ -182,6 +223,11 @@ class StableDiffusion(nn.Module):
         if syntax not in prompt_lib.SYNTAXES:
             raise ValueError(f"prompt_syntax must be one of {prompt_lib.SYNTAXES}, got "
                              f"{syntax!r}")
+        if syntax == "a1111" and any(lora.LORA_TAG.search(text) for text in texts):
+            # A tag would otherwise be encoded as words, silently
+            raise ValueError("encode_prompt: <lora:…> tags merge LoRAs, which encoding alone "
+                             "cannot do: generate with txt2img / img2img / inpaint (they read "
+                             "the tags), or load the LoRA (pipe.load_lora) and drop the tag")
         return prompt_lib.tokenize(tokenizer, texts, syntax=syntax, embeddings=vectors)
 
     def _chunk_encoder(self, text_encoder, encode_chunk, vectors, emphasis):
@@ -346,6 +392,7 @@ class StableDiffusion(nn.Module):
         return lambda x, t, cond: unet(x, t, **cond)
 
     # ---------------------------------------------------------------- the three tasks
+    @_lora_tags_applied
     @torch.inference_mode()
     def txt2img(self, prompt, *, negative_prompt="", steps=None, sampler=None, schedule=None,
                 cfg_scale=None, height=None, width=None, num_images=1, seed=None,
@@ -449,6 +496,7 @@ class StableDiffusion(nn.Module):
                              f"a schedule of {total} (steps / strength, as A1111): {e}") from e
         return _HiresPass(target, plan, plan.timesteps[max(0, len(plan.timesteps) - run):])
 
+    @_lora_tags_applied
     @torch.inference_mode()
     def img2img(self, image, prompt, *, strength=0.75, negative_prompt="", steps=None,
                 sampler=None, schedule=None, cfg_scale=None, num_images=1, seed=None,
@@ -489,6 +537,7 @@ class StableDiffusion(nn.Module):
         return self.denoise(x, cond, uncond, timesteps, **plan.options(generators, callback,
                                                                         progress))
 
+    @_lora_tags_applied
     @torch.inference_mode()
     def inpaint(self, image, mask, prompt, *, negative_prompt="", steps=None, sampler=None,
                 schedule=None, cfg_scale=None, num_images=1, seed=None, generator=None,

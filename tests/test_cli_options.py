@@ -48,6 +48,38 @@ def test_lora_changes_the_image_and_is_written_as_a1111_does(shipped, tmp_path):
     assert f'Lora hashes: "style: {lora.file_hash(path)}"' in text["parameters"]
 
 
+
+def test_lora_tags_in_the_prompt_read_from_lora_dir(shipped, tmp_path, capsys):
+    path = random_lora(shipped, tmp_path / "style.safetensors")
+    by_flag, text = make(tmp_path, "--lora", f"{path}:0.7")
+    out = tmp_path / "tagged.png"
+    tagged = ["txt2img", "a red <lora:style:0.7>circle", "--steps", "2", "--seed", "3",
+              "--out", str(out), "--no-progress"]
+    cli.main(tagged + ["--lora-dir", str(tmp_path)])
+    with Image.open(out) as image:
+        assert torch.equal(torch.tensor(np.asarray(image), dtype=torch.float32), by_flag)
+        assert image.text["parameters"] == text["parameters"]
+    assert cli.run(tagged + ["--overwrite"]) == cli.EXIT_USAGE
+    assert "the prompt: uses LoRA(s) style in <lora:…> tags: give --lora-dir" in \
+        capsys.readouterr().err
+    assert cli.run(tagged + ["--lora-dir", str(tmp_path / "none"), "--overwrite"]) == \
+        cli.EXIT_USAGE
+    assert "argument --lora-dir: LoRA 'style' not found" in capsys.readouterr().err
+
+
+def test_from_png_finds_its_loras_in_lora_dir(shipped, tmp_path, capsys):
+    path = random_lora(shipped, tmp_path / "style.safetensors")
+    first, text = make(tmp_path, "--lora", f"{path}:0.7")
+    again = ["txt2img", "--from-png", str(tmp_path / "out.png"), "--out",
+             str(tmp_path / "again.png"), "--no-progress"]
+    assert cli.run(again) == cli.EXIT_USAGE
+    assert "out.png: uses LoRA(s) style in <lora:…> tags: give --lora-dir" in \
+        capsys.readouterr().err
+    cli.main(again + ["--lora-dir", str(tmp_path)])
+    with Image.open(tmp_path / "again.png") as image:
+        assert torch.equal(torch.tensor(np.asarray(image), dtype=torch.float32), first)
+        assert image.text["parameters"] == text["parameters"]
+
 def test_lora_argument_keeps_colons_that_are_not_a_multiplier():
     assert cli._lora_argument("C:/loras/x.safetensors") == (cli.Path("C:/loras/x.safetensors"),
                                                             1.0)

@@ -855,3 +855,71 @@ def test_kohya_lora_on_full_size_sd15_matches_diffusers(tmp_path):
     ours = outputs(pipe, x, t, context, ids)
     assert_matches(ours[0], reference[0], before[0], "full-size SD 1.5 U-Net")
     assert_matches(ours[1], reference[1], before[1], "full-size SD 1.5 text encoder")
+
+
+# ------------------------------------------------------------------- <lora:…> tags in a prompt
+@pytest.fixture(scope="module")
+def shipped_with_lora_dir(tmp_path_factory):
+    """The shipped model with pipe.lora_dir holding two random kohya LoRAs, ink and paper."""
+    pipe = ldm.load()
+    folder = tmp_path_factory.mktemp("Lora")
+    g = torch.Generator().manual_seed(fresh_seed())
+    for name in ("ink", "paper"):
+        save_file(random_kohya_lora(pipe.networks(), g), str(folder / f"{name}.safetensors"))
+    pipe.lora_dir = folder
+    return pipe
+
+
+def test_prompt_tags_merge_for_the_call_only(shipped_with_lora_dir):
+    pipe = shipped_with_lora_dir
+    original = {k: v.clone() for k, v in pipe.state_dict().items()}
+    seed = fresh_seed()
+    run = dict(steps=3, seed=seed, output_type="latent", negative_prompt="a blue square")
+    tagged = pipe.txt2img(["a red circle <lora:ink:0.7:1.3>"] * 2, **run)
+    assert all(torch.equal(v, original[k]) for k, v in pipe.state_dict().items())
+    assert pipe.loras == []
+    plain = pipe.txt2img(["a red circle "] * 2, **run)
+    pipe.load_lora(pipe.lora_dir / "ink.safetensors", 1.3, text_multiplier=0.7)
+    by_hand = pipe.txt2img(["a red circle "] * 2, **run)
+    # A tag naming a LoRA merged already with its multipliers is in effect: not merged twice
+    again = pipe.txt2img(["a red circle <lora:ink:0.7:1.3>"] * 2, **run)
+    with pytest.raises(ValueError, match="ink is loaded with"):
+        pipe.txt2img("a red circle <lora:ink:0.5>", **run)
+    pipe.unload_loras()
+    assert torch.equal(tagged, by_hand) and torch.equal(again, by_hand)
+    assert rel_error(tagged, plain) > 1e-3
+    # img2img and inpaint read them too
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    a = pipe.img2img(image, "a red circle <lora:paper:0.9>", strength=0.6, **run)
+    pipe.load_lora(pipe.lora_dir / "paper.safetensors", 0.9)
+    b = pipe.img2img(image, "a red circle ", strength=0.6, **run)
+    mask = (torch.rand(1, 1, 64, 64) > 0.5).float()
+    c = pipe.inpaint(image, mask, "a red circle ", **run)
+    pipe.unload_loras()
+    d = pipe.inpaint(image, mask, "a red circle <lora:paper:0.9>", **run)
+    assert torch.equal(a, b) and torch.equal(c, d)
+    assert all(torch.equal(v, original[k]) for k, v in pipe.state_dict().items())
+
+
+def test_prompt_tags_errors(shipped_with_lora_dir):
+    pipe = shipped_with_lora_dir
+    original = {k: v.clone() for k, v in pipe.state_dict().items()}
+    run = dict(steps=1, seed=0, output_type="latent")
+    with pytest.raises(ValueError, match="prompt 1 has other <lora:…> tags"):
+        pipe.txt2img(["a <lora:ink:1>", "b <lora:paper:1>"], **run)
+    with pytest.raises(ValueError, match="negative_prompt: <lora:…> tags"):
+        pipe.txt2img("a", negative_prompt="<lora:ink:1>", **run)
+    with pytest.raises(FileNotFoundError, match="'glue' not found"):
+        pipe.txt2img("a <lora:ink:1> <lora:glue:1>", **run)  # all found before any merge
+    with pytest.raises(ValueError, match="encode_prompt: <lora:…> tags"):
+        pipe.encode_prompt("a <lora:ink:1>")
+    folder, pipe.lora_dir = pipe.lora_dir, None
+    try:
+        with pytest.raises(ValueError, match="tags name ink: set pipe.lora_dir"):
+            pipe.txt2img("a <lora:ink:1>", **run)
+    finally:
+        pipe.lora_dir = folder
+    # prompt_syntax="plain" reads a tag as words, as CompVis would
+    pipe.txt2img("a <lora:ink:1>", prompt_syntax="plain", **run)
+    assert pipe.loras == []
+    assert all(torch.equal(v, original[k]) for k, v in pipe.state_dict().items())
