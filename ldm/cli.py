@@ -301,7 +301,10 @@ def check(args):
 FROM_PNG = {"prompt": None, "negative_prompt": "", "steps": None, "sampler": None,
             "schedule": None, "cfg_scale": None, "seed": None, "height": None, "width": None,
             "clip_skip": None, "prompt_syntax": "a1111", "emphasis": "original", "rng": "cpu",
-            "strength": 0.75, "eta": 0.0, "refiner_start": 0.8}
+            "strength": 0.75, "eta": 0.0, "refiner_start": 0.8, "hires_scale": None,
+            "hires_strength": None, "hires_steps": None, "hires_upscaler": None}
+# parse_parameters' keywords whose option has another name
+PNG_OPTIONS = {"hires_upscale": "hires_upscaler"}
 
 
 def _fill_defaults(args):
@@ -344,7 +347,11 @@ def _from_png(args):
         raise UsageError(f"argument --from-png: {args.from_png} was made by img2img "
                          f"(Denoising strength {found.kwargs['strength']}): use python -m ldm "
                          "img2img --image SOURCE --from-png")
-    for name, value in found.kwargs.items():
+    if "hires_scale" in found.kwargs and args.command != "txt2img":
+        raise UsageError(f"argument --from-png: {args.from_png} was made by txt2img with the "
+                         "hires fix: use python -m ldm txt2img --from-png")
+    for keyword, value in found.kwargs.items():
+        name = PNG_OPTIONS.get(keyword, keyword)
         if hasattr(args, name) and name not in given:
             setattr(args, name, value)
     args.lora += _tag_loras(args, found.loras, f"argument --from-png: {args.from_png}")
@@ -559,16 +566,6 @@ def _hires_parameters(pipe, args):
             "first_pass_size": f"{args.width or native}x{args.height or native}"}
 
 
-def _a1111_hires(info):
-    """A1111's hires entries: "Hires upscale", "Hires steps" (only when given), "Hires
-    upscaler" (its "Denoising strength" is the hires strength, a setting)."""
-    if "hires_scale" not in info:
-        return {}
-    return {"Hires upscale": info["hires_scale"],
-            **({"Hires steps": info["hires_steps"]} if "hires_steps" in info else {}),
-            "Hires upscaler": UPSCALERS[info["hires_upscaler"]][0]}
-
-
 def _with_seed(info, seed, index, loras=()):
     """One image's text chunks: its own seed, and the "parameters" text A1111 writes
     (`ldm.parameters.format_parameters`, which `parse_parameters` and --from-png read back).
@@ -583,10 +580,13 @@ def _with_seed(info, seed, index, loras=()):
                        ("refiner_start", float)):
         if name in info:
             settings[name] = kind(info[name])
-    if "hires_strength" in info:
-        settings["strength"] = float(info["hires_strength"])
+    for keyword, kind in (("hires_scale", float), ("hires_strength", float),
+                          ("hires_steps", int), ("hires_upscale", str)):
+        name = PNG_OPTIONS.get(keyword, keyword)  # info's key is the option's
+        if name in info:
+            settings[keyword] = kind(info[name])
     extra = {"Model hash": info["model_sha256"][:10], "Model": info["model"],
-             **({"Refiner": info["refiner"]} if "refiner" in info else {}), **_a1111_hires(info)}
+             **({"Refiner": info["refiner"]} if "refiner" in info else {})}
     parameters = format_parameters(settings, loras=loras, info=extra)
     return {**info, "seed": str(seed), "image_index": str(index), "parameters": parameters}
 

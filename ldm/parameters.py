@@ -32,15 +32,22 @@ How each entry maps to the task keywords:
                                  the numbers "nv" computes (ldm.rng). A1111 on a Mac draws on
                                  the CPU under the same label: pass rng="cpu" for those.
     Denoising strength           strength: the image was img2img'd (`Parameters.task`);
-                                 with hires-fix entries it is the hires pass's, unsupported
+                                 with hires-fix entries it is the hires pass's, hires_strength
+    Hires upscale, Hires steps,  hires_scale, hires_steps (absent or 0: the first pass's
+    Hires upscaler               steps), hires_upscale (`hires.UPSCALERS` by A1111's name:
+                                 "Latent", "Latent (bicubic)", …, "Lanczos"; absent: "Latent").
+                                 "Size" is then the first pass's, as A1111 writes it. Other
+                                 upscalers (ESRGAN, …), "Hires resize" (a target size, not a
+                                 factor) and a second pass with its own sampler, guidance or
+                                 prompt are unsupported; old A1111's "First pass size" too
     Eta DDIM (DDIM only)         eta
     Refiner switch at            refiner_start, with the refiner's name in `info`
 The prompt's `<lora:name:weight>` tags are taken out into `loras` (A1111 removes them before
 encoding, lora.prompt_loras); the other entries (Model hash, Model, VAE, Lora hashes, Version,
 …) stay in `info`, as written. Matching the files they name is the caller's part.
 
-Never silently: an entry that changes the image in a way ldm does not reproduce (hires fix,
-variation seeds, ENSD with a noisy sampler, token merging, an extension's entry ldm does not
+Never silently: an entry that changes the image in a way ldm does not reproduce (variation
+seeds, ENSD with a noisy sampler, token merging, an extension's entry ldm does not
 know, …), and an A1111 sampler that runs differently there (DPM2's dropped σ, …), is refused
 with a ValueError naming every such entry and why; with strict=False they are a warning
 instead, listed in `Parameters.unsupported`. Text that cannot be read (no settings line, a
@@ -63,6 +70,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
+from ldm.hires import UPSCALERS
 from ldm.lora import prompt_loras
 from ldm.rng import check_rng
 from ldm.samplers.registry import a1111_names, from_a1111, resolve
@@ -111,7 +119,12 @@ DIFFERENCES = {
     "Hypernet": "a hypernetwork", "Hypernet strength": "a hypernetwork",
 }
 HIRES = ("Hires ", "First pass size")  # key prefixes of A1111's hires fix
-HIRES_WHY = "the hires fix (a second pass at a larger size)"
+HIRES_WHY = "a hires fix other than ldm's (A1111 before 1.0, or a target size, not a factor)"
+HIRES_UPSCALERS = {a1111: name for name, (a1111, *_) in UPSCALERS.items()}
+# Hires entries that change nothing when they equal the first pass's entry (A1111 writes them
+# only when they differ; others might not).
+HIRES_SAME_AS = {"Hires sampler": "Sampler", "Hires schedule type": "Schedule type",
+                 "Hires CFG Scale": "CFG scale"}
 # Values at which those entries change nothing (A1111 writes some even then).
 NEUTRAL = {"ENSD": "0", "Eta": "1", "NGMS": "0", "Token merging ratio": "0",
            "Noise multiplier": "1", "Schedule rho": "0", "Schedule max sigma": "0",
@@ -119,7 +132,8 @@ NEUTRAL = {"ENSD": "0", "Eta": "1", "NGMS": "0", "Token merging ratio": "0",
            "Conditional mask weight": "1", "Sigma churn": "0", "Sigma tmin": "0",
            "Sigma noise": "1", "Mask blur": "0", "FP8 weight": "Disable", "Tiling": "False",
            "Discard penultimate sigma": "False", "Downcast alphas_cumprod": "False",
-           "Old prompt editing timelines": "False", "Seed resize from": ("-1x-1", "0x0")}
+           "Old prompt editing timelines": "False", "Seed resize from": ("-1x-1", "0x0"),
+           "Hires resize": "0x0"}
 # A1111's samplers that do not run as ldm's do (the A1111 file named in each).
 A1111_SAMPLER_DIFFERENCES = {
     "dpm2": "A1111 drops DPM2's next-to-last σ (sd_samplers_kdiffusion.py)",
@@ -262,6 +276,7 @@ def _keywords(prompt, negative, entries):
     entry = _sampler(entries, kwargs, used, unsupported, from_ldm)
     _prompt_options(entries, kwargs, used, unsupported)
     _noise_options(entries, kwargs, used, unsupported, entry)
+    _hires_options(entries, kwargs, used, unsupported)
     if "Refiner switch at" in entries:
         used.add("Refiner switch at")
         kwargs["refiner_start"] = _number("Refiner switch at", entries["Refiner switch at"],
@@ -331,10 +346,42 @@ def _noise_options(entries, kwargs, used, unsupported, entry):
                 kwargs["eta"] = _number(key, entries[key], 0)
 
 
+def _hires_options(entries, kwargs, used, unsupported):
+    """hires_scale, hires_strength, hires_steps and hires_upscale from A1111's hires fix."""
+    if "Hires upscale" not in entries:
+        return  # no hires pass, or one ldm does not run (_difference names its entries)
+    scale = _number("Hires upscale", entries["Hires upscale"], 0)
+    upscaler = entries.get("Hires upscaler", "Latent")
+    if scale <= 1:
+        unsupported["Hires upscale"] = f"a hires pass at scale {scale:g} (ldm's is above 1)"
+    elif upscaler not in HIRES_UPSCALERS:
+        unsupported["Hires upscaler"] = (f"upscaler {upscaler!r} (ldm has "
+                                         f"{', '.join(HIRES_UPSCALERS)})")
+    else:
+        used.update({"Hires upscale", "Hires upscaler"})
+        kwargs.update(hires_scale=scale, hires_upscale=HIRES_UPSCALERS[upscaler])
+        if "Denoising strength" in entries:
+            used.add("Denoising strength")
+            kwargs["hires_strength"] = _number("Denoising strength",
+                                               entries["Denoising strength"], 0, 1)
+        if "Hires steps" in entries:
+            used.add("Hires steps")
+            steps = _integer("Hires steps", entries["Hires steps"], 0)
+            if steps:  # 0: A1111's "as many as the first pass"
+                kwargs["hires_steps"] = steps
+    for key, first in HIRES_SAME_AS.items():
+        if key in entries and entries[key] == entries.get(first):
+            used.add(key)
+
+
 def _difference(key, value, entries, entry):
     """Why entry `key` changes the image in a way ldm does not reproduce, or None."""
     if key in INFO_KEYS or key in ("Eta DDIM", "Schedule type") or _neutral(key, value):
         return None  # (an unknown sampler's schedule type: "Sampler" names the difference)
+    if key in ("Hires prompt", "Hires negative prompt"):
+        return "a hires pass with a prompt of its own"
+    if key in HIRES_SAME_AS or key == "Hires checkpoint":
+        return f"a hires pass with a {key[len('Hires '):]} of its own"
     if key.startswith(HIRES):
         return HIRES_WHY
     if key == "Denoising strength":
@@ -401,18 +448,20 @@ def _size(text):
 # ------------------------------------------------------------------------------------ writing
 SETTINGS = {"prompt", "negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "seed",
             "width", "height", "clip_skip", "prompt_syntax", "emphasis", "strength", "eta",
-            "rng", "refiner_start"}
+            "rng", "refiner_start", "hires_scale", "hires_strength", "hires_steps",
+            "hires_upscale"}
 # A1111's order of the entries (processing.py create_infotext); info's others follow.
 ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
          "VAE hash", "VAE", "Denoising strength", "Clip skip", "RNG", "Eta DDIM", "Refiner",
-         "Refiner switch at", "Emphasis")
+         "Refiner switch at", "Emphasis", "Hires upscale", "Hires steps", "Hires upscaler")
 LAST = ("Lora hashes", "Version")
 
 
 def format_parameters(settings, *, loras=(), info=None):
     """The A1111 "parameters" text of `settings` (the task keywords of `Parameters.kwargs`:
     prompt, negative_prompt, steps, sampler, schedule, cfg_scale, seed, width, height and the
-    optional clip_skip, prompt_syntax, emphasis, strength, eta, rng, refiner_start), the
+    optional clip_skip, prompt_syntax, emphasis, strength, eta, rng, refiner_start, and the
+    hires_* of txt2img's hires fix, whose width and height are the first pass's), the
     LoRAs merged (`lora.Loaded` or `LoRATag`: name, multiplier, text_multiplier, and a
     `hash` to write "Lora hashes") and `info`, other entries written as given (Model hash,
     Model, Refiner, …).
@@ -469,6 +518,7 @@ def _settings_entries(settings, info, loras):
                       ("Denoising strength", "strength"), ("Clip skip", "clip_skip")):
         if settings.get(name) is not None:
             entries[key] = _text(settings[name])
+    entries.update(_hires_entries(settings))
     if "width" in settings or "height" in settings:
         if settings.get("width") is None or settings.get("height") is None:
             raise ValueError("format_parameters: settings must give both width and height")
@@ -486,6 +536,30 @@ def _settings_entries(settings, info, loras):
     return entries
 
 
+def _hires_entries(settings):
+    """A1111's entries of the hires fix: "Hires upscale", "Hires steps" (when given), "Hires
+    upscaler", and "Denoising strength" (the hires pass's)."""
+    hires = {key for key in settings if key.startswith("hires_")}
+    if not hires:
+        return {}
+    if "hires_scale" not in hires:
+        raise ValueError(f"format_parameters: {', '.join(sorted(hires))} without hires_scale")
+    if "strength" in settings:
+        raise ValueError("format_parameters: strength (img2img's) and a hires fix: A1111's "
+                         "'Denoising strength' would be both")
+    upscale = settings.get("hires_upscale", "latent")
+    if upscale not in UPSCALERS:
+        raise ValueError(f"format_parameters: hires_upscale {upscale!r} is not one of "
+                         f"{', '.join(UPSCALERS)}")
+    entries = {"Hires upscale": _short(_number_setting(settings["hires_scale"])),
+               "Hires upscaler": UPSCALERS[upscale][0]}
+    if settings.get("hires_steps") is not None:
+        entries["Hires steps"] = _text(settings["hires_steps"])
+    if settings.get("hires_strength") is not None:
+        entries["Denoising strength"] = _text(settings["hires_strength"])
+    return entries
+
+
 def _emphasis(settings):
     """A1111's "Emphasis" name for prompt_syntax / emphasis; None for its default."""
     if settings.get("prompt_syntax", "a1111") == "plain":
@@ -500,7 +574,7 @@ def _tag(lora):
     weight differs from the U-Net's."""
     weights = [lora.text_multiplier] + ([lora.multiplier]
                                         if lora.multiplier != lora.text_multiplier else [])
-    return f"<lora:{lora.name}:{':'.join(map(_weight, weights))}>"
+    return f"<lora:{lora.name}:{':'.join(map(_short, weights))}>"
 
 
 def _negative(settings):
@@ -515,15 +589,20 @@ def _check_prompt(prompt):
     return prompt
 
 
-def _text(value):
-    """A number as Python writes it, which reads back to the same number (7.0 -> "7.0")."""
+def _number_setting(value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"format_parameters: a number expected, got {value!r}")
-    return str(value)
+    return value
 
 
-def _weight(value):
-    """A LoRA weight as A1111 users write it: 0.8, 1 (Python's text when %g would round)."""
+def _text(value):
+    """A number as Python writes it, which reads back to the same number (7.0 -> "7.0")."""
+    return str(_number_setting(value))
+
+
+def _short(value):
+    """A number as A1111 users write a LoRA weight or an upscale factor: 0.8, 1, 2 (Python's
+    text when %g would round)."""
     short = f"{value:g}"
     return short if float(short) == value else _text(value)
 

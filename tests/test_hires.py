@@ -7,6 +7,7 @@ toy SDXL.
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -205,6 +206,22 @@ def test_cli_writes_a1111s_hires_fields(tmp_path):
     assert ("Denoising strength: 0.7, RNG: CPU, Hires upscale: 1.5, Hires upscaler: Lanczos, "
             "Version") in parameters  # no "Hires steps" when not given, as A1111
 
+
+
+def test_cli_regenerates_a_hires_png(tmp_path, capsys):
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    assert cli.main(["txt2img", PROMPT, "--steps", "3", "--seed", "8", "--no-progress",
+                     "--sampler", "euler_a", "--height", "32", "--width", "48", "--out",
+                     str(first), "--hires-scale", "1.5", "--hires-strength", "0.6",
+                     "--hires-steps", "2", "--hires-upscaler", "latent-bicubic"]) == 0
+    assert cli.main(["txt2img", "--from-png", str(first), "--out", str(again),
+                     "--no-progress"]) == 0
+    a, b = Image.open(first), Image.open(again)
+    assert b.size == (72, 48) and b.text["parameters"] == a.text["parameters"]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert cli.run(["img2img", "--image", str(first), "--from-png", str(first), "--out",
+                    str(tmp_path / "c.png")]) == cli.EXIT_USAGE
+    assert "made by txt2img with the hires fix" in capsys.readouterr().err
 
 @pytest.mark.parametrize("flags, message", [
     (["--hires-scale", "1"], "argument --hires-scale: must be a finite number > 1"),

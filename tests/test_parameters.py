@@ -5,6 +5,7 @@ The A1111 texts below are real ones: the example in A1111's own parse_generation
 docstring (modules/infotext_utils.py), and lines A1111 wrote that were published in other
 projects' tests and model cards (found through code search), some shortened.
 """
+import re
 import warnings
 
 import pytest
@@ -110,13 +111,53 @@ def test_what_ldm_does_not_reproduce_is_refused_by_name():
     assert (p.kwargs["sampler"], p.kwargs["schedule"]) == ("dpmpp_sde", "karras")
 
 
-def test_hires_fix_is_refused_and_its_strength_is_not_img2imgs():
-    with pytest.raises(ValueError, match="Hires upscale: the hires fix"):
-        parse_parameters(A1111_HIRES)
-    p = parse_quietly(A1111_HIRES)
-    assert set(p.unsupported) == {"Hires upscale", "Hires upscaler"}
-    assert "strength" not in p.kwargs and p.task == "txt2img"
-    assert p.info["Denoising strength"] == "0.57"
+def test_hires_fix_maps_to_the_hires_keywords():
+    p = parse_parameters(A1111_HIRES)
+    assert p.task == "txt2img" and "strength" not in p.kwargs
+    assert (p.kwargs["hires_scale"], p.kwargs["hires_upscale"], p.kwargs["hires_strength"]) == \
+        (2.0, "latent", 0.57)
+    assert "hires_steps" not in p.kwargs  # absent: as many as the first pass
+    assert (p.kwargs["width"], p.kwargs["height"]) == (576, 768)  # the first pass's
+    assert p.unsupported == {} and "Denoising strength" not in p.info
+    line = A1111_HIRES.replace("Latent", "Latent (bicubic antialiased), Hires steps: 0")
+    assert parse_parameters(line).kwargs["hires_upscale"] == "latent-bicubic-antialiased"
+    assert "hires_steps" not in parse_parameters(line).kwargs
+    line = A1111_HIRES.replace("Latent", "Lanczos, Hires steps: 12, Hires sampler: DPM++ 2M "
+                               "Karras, Hires CFG Scale: 11, Hires resize: 0x0")
+    p = parse_parameters(line)  # a hires sampler and guidance equal to the first pass's
+    assert (p.kwargs["hires_upscale"], p.kwargs["hires_steps"]) == ("pixel", 12)
+
+
+@pytest.mark.parametrize("entries, key, why", [
+    ("Hires upscale: 2, Hires upscaler: R-ESRGAN 4x+", "Hires upscaler", "'R-ESRGAN 4x+'"),
+    ("Hires upscale: 1, Hires upscaler: Latent", "Hires upscale", "scale 1"),
+    ("Hires upscale: 2, Hires sampler: Euler", "Hires sampler", "sampler of its own"),
+    ("Hires upscale: 2, Hires prompt: a castle", "Hires prompt", "prompt of its own"),
+    ("Hires resize: 1024x1024", "Hires resize", "a target size"),
+    ("First pass size: 256x256", "First pass size", "before 1.0"),
+])
+def test_hires_fixes_ldm_does_not_run_are_named(entries, key, why):
+    text = f"a\n{SETTINGS}, Denoising strength: 0.5, {entries}"
+    with pytest.raises(ValueError, match=re.escape(why)):
+        parse_parameters(text)
+    p = parse_quietly(text)
+    assert key in p.unsupported and "strength" not in p.kwargs  # never img2img's
+
+
+def test_hires_round_trip():
+    for hires in ({"hires_scale": 2, "hires_strength": 0.55},
+                  {"hires_scale": 1.5, "hires_strength": 0.3, "hires_steps": 4,
+                   "hires_upscale": "pixel"},
+                  {"hires_scale": 2.25, "hires_upscale": "latent-nearest-exact"}):
+        text = format_parameters({**BASE, **hires})
+        p = parse_parameters(text)
+        assert p.kwargs == {**BASE, "hires_upscale": "latent", **hires}, text
+    assert "Hires upscale: 2, Hires upscaler: Latent" in format_parameters(
+        {**BASE, "hires_scale": 2.0})
+    with pytest.raises(ValueError, match="without hires_scale"):
+        format_parameters({**BASE, "hires_steps": 3})
+    with pytest.raises(ValueError, match="strength .img2img's. and a hires fix"):
+        format_parameters({**BASE, "strength": 0.5, "hires_scale": 2})
 
 
 def test_img2img_line():
@@ -188,7 +229,7 @@ def test_ddim_eta(sampler, entry):
     ("NGMS: 0.5", "NGMS"),
     ("Discard penultimate sigma: True", "Discard penultimate sigma"),
     ("Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.8", "Refiner"),
-    ("Hires upscale: 2", "Hires upscale"),
+    ("Hires upscale: 2, Hires upscaler: ESRGAN_4x", "Hires upscaler"),
     ("Tiling", "Tiling"),  # a bare entry, A1111's writing of an entry equal to its key
 ])
 def test_each_difference_is_named(entry, key):
