@@ -349,10 +349,11 @@ class StableDiffusion(nn.Module):
 
         x: (B, 4, h, w) noisy latents; cond, uncond: conditioning dicts (`encode_prompt`);
         timesteps: descending (`samplers.timesteps`); sampler: a name or a `samplers.Sampler`;
-        eta: DDIM's η. generator: for the samplers that draw noise at every step, one CPU
-        generator for the batch or a list of B, one per image (the tasks pass one per image);
-        on a GPU the noise is drawn there, from device generators seeded from these
-        (`_on_device`). callback(i, t, x, x0) runs after every step and may return a
+        eta: DDIM's η. generator: for the samplers that draw noise at every step, one
+        generator for the batch or a list of B, one per image (the tasks pass one per image).
+        Noise is drawn where its generator is and then moved (`rng.draw`): the tasks' CPU
+        generators make the same images on a GPU as on the CPU, as A1111's "CPU" source does.
+        callback(i, t, x, x0) runs after every step and may return a
         replacement x; progress: a step counter on stderr (default: when stderr is a terminal).
         refiner: a `Handoff` (SDXL's ensemble of experts): its model predicts the noise at the
         steps below its boundary, this one above, within the one sampling loop.
@@ -366,7 +367,7 @@ class StableDiffusion(nn.Module):
             eps_fn = refiner.experts(eps_fn, cfg_scale)
         options = {"eta": eta} if entry.takes_eta else {}
         if entry.noisy:
-            options["generator"] = _on_device(generator, self.device)
+            options["generator"] = generator
         if progress is None:
             progress = sys.stderr.isatty()  # no \r-redrawn lines in logs and notebooks
         callback = _chain(callback, _progress_bar(len(timesteps)) if progress else None)
@@ -789,19 +790,6 @@ def _cpu(generator):
                          "image): ldm draws noise on the CPU so that a seed gives the same "
                          f"image on any device; got {generator!r}")
     return generator
-
-
-def _on_device(generators, device):
-    """The samplers draw their per-step noise on the latents' device: on a GPU, one generator
-    there per CPU generator, seeded from it (the draw of a seed itself on the CPU). A
-    PhiloxGenerator stays: its numbers are CUDA's on any device, drawn on the CPU and moved."""
-    if device.type == "cpu" or generators is None or isinstance(generators, PhiloxGenerator):
-        return generators
-    if isinstance(generators, torch.Generator):
-        return _on_device([generators], device)[0]
-    return [g if isinstance(g, PhiloxGenerator)
-            else torch.Generator(device).manual_seed(int(torch.randint(2**62, (), generator=g)))
-            for g in generators]
 
 
 def _check_choice(name, value, allowed):

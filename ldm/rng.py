@@ -149,11 +149,16 @@ def generators(seed, batch, rng="cpu"):
 
 def draw(shape, generator, *, device=None, dtype=None):
     """Standard-normal noise of `shape` from one generator (None: torch's global one), on
-    `device` in `dtype`: torch.randn on the generator's own device for a torch.Generator; on
-    the CPU in float32, then moved and cast, for a PhiloxGenerator (its numbers are CUDA's
-    whatever the device)."""
+    `device` in `dtype` (torch's global generator: drawn on `device`). Drawn where the
+    generator is, so that its numbers do not depend on where they are used: a PhiloxGenerator
+    (CUDA's numbers, computed on the CPU) or a torch.Generator on another device than `device` draws float32 there, then the noise is
+    moved and cast (A1111's "CPU" source on a GPU draws so); a torch.Generator on `device`
+    draws there directly."""
     if isinstance(generator, PhiloxGenerator):
         return generator.randn(shape).to(device=device, dtype=dtype)
+    if generator is not None and device is not None and torch.device(device) != generator.device:
+        return torch.randn(shape, generator=generator, device=generator.device).to(
+            device=device, dtype=dtype)
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 

@@ -172,6 +172,18 @@ def test_draw_casts_philox_noise_and_leaves_torch_draws_to_torch():
     assert torch.equal(rng.draw((2, 3), t, dtype=torch.float64), want)
 
 
+
+def test_a_cpu_generator_draws_on_the_cpu_for_another_device():
+    """A1111's "CPU" source on a GPU: the numbers are the CPU generator's, drawn there and
+    moved (the meta device stands in for a GPU), and the generator advances as on the CPU."""
+    seed = int(torch.randint(1 << 30, ()))
+    g, twin = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    x = rng.draw((2, 4, 8, 8), g, device="meta", dtype=torch.float16)
+    assert x.device.type == "meta" and x.dtype == torch.float16 and x.shape == (2, 4, 8, 8)
+    torch.randn((2, 4, 8, 8), generator=twin)
+    assert torch.equal(g.get_state(), twin.get_state())
+    assert torch.equal(rng.draw((3,), g, device="cpu"), torch.randn((3,), generator=twin))
+
 @pytest.mark.parametrize("call, error, words_", [
     (lambda: rng.randn((2,), 0, rng="gpu"), ValueError, ["'cpu'", "'nv'", "'gpu'"]),
     (lambda: rng.randn((2,), 0, rng=None), ValueError, ["rng"]),
