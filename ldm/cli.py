@@ -125,6 +125,10 @@ def _add_common(sub):
     sub.add_argument("--emphasis", choices=("original", "no_norm", "comfy"),
                      help="how prompt weights apply: A1111's original (default), no_norm, or "
                      "ComfyUI's")
+    sub.add_argument("--pad-conds", action=argparse.BooleanOptionalAction, help="pad a prompt "
+                     "and negative prompt of different 75-token chunk counts to the same count "
+                     "(default; A1111's 'Pad conds'), or --no-pad-conds: A1111's default, "
+                     "guidance in two U-Net calls")
     sub.add_argument("--clip-skip", type=int, help="A1111's CLIP skip (SD 1.x): 2 takes the "
                      "text encoder's penultimate layer")
     sub.add_argument("--lora", type=_lora_argument, action="append", default=[],
@@ -250,7 +254,8 @@ def _generate(pipe, args, seed, inputs):
                   schedule=args.schedule, cfg_scale=args.cfg_scale, seed=seed,
                   num_images=args.num_images, eta=args.eta,
                   progress=False if args.no_progress else None,
-                  prompt_syntax=args.prompt_syntax, emphasis=args.emphasis, rng=args.rng)
+                  prompt_syntax=args.prompt_syntax, emphasis=args.emphasis, rng=args.rng,
+                  pad_conds=args.pad_conds)
     if args.clip_skip is not None:
         common["clip_skip"] = args.clip_skip
     if args.command == "txt2img":
@@ -301,6 +306,7 @@ def check(args):
 FROM_PNG = {"prompt": None, "negative_prompt": "", "steps": None, "sampler": None,
             "schedule": None, "cfg_scale": None, "seed": None, "height": None, "width": None,
             "clip_skip": None, "prompt_syntax": "a1111", "emphasis": "original", "rng": "cpu",
+            "pad_conds": True,
             "strength": 0.75, "eta": 0.0, "refiner_start": 0.8, "hires_scale": None,
             "hires_strength": None, "hires_steps": None, "hires_upscaler": None}
 # parse_parameters' keywords whose option has another name
@@ -333,7 +339,8 @@ def _from_png(args):
         raise UsageError(f"argument --from-png: {e}") from e
     given = {name for name in FROM_PNG if getattr(args, name, None) is not None}
     # What the command line overrides is no longer a difference
-    overridden = {"Sampler": "sampler", "RNG": "rng", "Emphasis": "emphasis"}
+    overridden = {"Sampler": "sampler", "RNG": "rng", "Emphasis": "emphasis",
+                  "Pad conds": "pad_conds"}
     unsupported = {key: why for key, why in found.unsupported.items()
                    if overridden.get(key) not in given}
     if unsupported:
@@ -544,6 +551,7 @@ def _parameters(pipe, args, size):
         "command": args.command, "prompt_syntax": args.prompt_syntax, "emphasis": args.emphasis,
         "rng": args.rng, **({"strength": str(args.strength)} if args.command == "img2img" else {}),
         **({"eta": str(args.eta)} if args.eta else {}),
+        **({"pad_conds": "False"} if not args.pad_conds else {}),
         **({"clip_skip": str(args.clip_skip)} if args.clip_skip is not None else {}),
         **({"refiner": args.refiner.name, "refiner_start": str(args.refiner_start)}
            if getattr(args, "refiner", None) is not None else {}),
@@ -580,6 +588,8 @@ def _with_seed(info, seed, index, loras=()):
                        ("refiner_start", float)):
         if name in info:
             settings[name] = kind(info[name])
+    if info.get("pad_conds") == "False":
+        settings["pad_conds"] = False
     for keyword, kind in (("hires_scale", float), ("hires_strength", float),
                           ("hires_steps", int), ("hires_upscale", str)):
         name = PNG_OPTIONS.get(keyword, keyword)  # info's key is the option's

@@ -40,6 +40,10 @@ How each entry maps to the task keywords:
                                  upscalers (ESRGAN, …), "Hires resize" (a target size, not a
                                  factor) and a second pass with its own sampler, guidance or
                                  prompt are unsupported; old A1111's "First pass size" too
+    Pad conds                    pad_conds: absent from an A1111 line -> False, A1111's default
+                                 (a prompt and negative prompt of different 75-token chunk
+                                 counts encoded as they are, guidance in two U-Net calls);
+                                 "True" -> ldm's default, padded with empty chunks
     Eta DDIM (DDIM only)         eta
     Refiner switch at            refiner_start, with the refiner's name in `info`
 The prompt's `<lora:name:weight>` tags are taken out into `loras` (A1111 removes them before
@@ -53,10 +57,8 @@ with a ValueError naming every such entry and why; with strict=False they are a 
 instead, listed in `Parameters.unsupported`. Text that cannot be read (no settings line, a
 number that is not one, a missing Seed) is a ValueError either way.
 
-Two A1111 behaviours are not entries and are not detected: A1111 without "Pad conds" encodes
-a prompt and negative prompt of different 75-token chunk counts separately, where ldm pads the
-shorter with empty chunks (the same conditioning when the counts agree); and its img2img
-samples the encoded image's posterior from torch's global generator.
+One A1111 behaviour is not an entry and is not reproduced: its img2img samples the encoded
+image's posterior from torch's global generator (ldm: from the image's own generator).
 
 ldm's own lines end with "Version: ldm <version>" and always carry RNG (ldm's default is "CPU",
 not A1111's "GPU"); they parse back to the keywords that made them, A1111's sampler
@@ -88,7 +90,7 @@ ENTRY_START = re.compile(r"(?:^|,)\s*\w[\w \-/]*:")
 
 # Entries that change nothing given the same model files, or that ldm reads elsewhere.
 INFO_KEYS = {"Model hash", "Model", "VAE hash", "VAE", "Lora hashes", "TI hashes", "Hashes",
-             "Version", "User", "Init image hash", "Template", "Negative Template", "Pad conds",
+             "Version", "User", "Init image hash", "Template", "Negative Template",
              "Cache FP16 weight for LoRA", "Refiner"}
 
 # Entries that change the image in a way ldm does not reproduce, and why.
@@ -275,6 +277,7 @@ def _keywords(prompt, negative, entries):
     from_ldm = entries.get("Version", "").startswith("ldm")
     entry = _sampler(entries, kwargs, used, unsupported, from_ldm)
     _prompt_options(entries, kwargs, used, unsupported)
+    _pad_conds(entries, kwargs, used, unsupported, from_ldm)
     _noise_options(entries, kwargs, used, unsupported, entry)
     _hires_options(entries, kwargs, used, unsupported)
     if "Refiner switch at" in entries:
@@ -323,6 +326,17 @@ def _prompt_options(entries, kwargs, used, unsupported):
         else:
             unsupported["Emphasis"] = (f"emphasis {name!r} (ldm has "
                                        f"{', '.join(EMPHASIS_NAMES)})")
+
+
+def _pad_conds(entries, kwargs, used, unsupported, from_ldm):
+    """pad_conds=False unless "Pad conds: True" (A1111's default; an ldm line's is ldm's)."""
+    value = entries.get("Pad conds", "True" if from_ldm else "False")
+    if value not in ("True", "False"):
+        unsupported["Pad conds"] = f"{value!r} (True or False)"
+        return
+    used.add("Pad conds")
+    if value == "False":
+        kwargs["pad_conds"] = False
 
 
 def _noise_options(entries, kwargs, used, unsupported, entry):
@@ -449,18 +463,20 @@ def _size(text):
 SETTINGS = {"prompt", "negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "seed",
             "width", "height", "clip_skip", "prompt_syntax", "emphasis", "strength", "eta",
             "rng", "refiner_start", "hires_scale", "hires_strength", "hires_steps",
-            "hires_upscale"}
+            "hires_upscale", "pad_conds"}
 # A1111's order of the entries (processing.py create_infotext); info's others follow.
 ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
          "VAE hash", "VAE", "Denoising strength", "Clip skip", "RNG", "Eta DDIM", "Refiner",
-         "Refiner switch at", "Emphasis", "Hires upscale", "Hires steps", "Hires upscaler")
+         "Refiner switch at", "Emphasis", "Pad conds", "Hires upscale", "Hires steps",
+         "Hires upscaler")
 LAST = ("Lora hashes", "Version")
 
 
 def format_parameters(settings, *, loras=(), info=None):
     """The A1111 "parameters" text of `settings` (the task keywords of `Parameters.kwargs`:
     prompt, negative_prompt, steps, sampler, schedule, cfg_scale, seed, width, height and the
-    optional clip_skip, prompt_syntax, emphasis, strength, eta, rng, refiner_start, and the
+    optional clip_skip, prompt_syntax, emphasis, pad_conds, strength, eta, rng,
+    refiner_start, and the
     hires_* of txt2img's hires fix, whose width and height are the first pass's), the
     LoRAs merged (`lora.Loaded` or `LoRATag`: name, multiplier, text_multiplier, and a
     `hash` to write "Lora hashes") and `info`, other entries written as given (Model hash,
@@ -528,6 +544,8 @@ def _settings_entries(settings, info, loras):
     emphasis = _emphasis(settings)
     if emphasis:
         entries["Emphasis"] = emphasis
+    if settings.get("pad_conds", True) is False:  # ldm's default pads; A1111's does not
+        entries["Pad conds"] = "False"
     if "Refiner" in info and settings.get("refiner_start") is not None:
         entries["Refiner switch at"] = _text(settings["refiner_start"])
     hashes = [f"{lora.name}: {lora.hash}" for lora in loras if getattr(lora, "hash", None)]

@@ -53,7 +53,7 @@ TEXT_ENCODERS = {"clip": (CLIPTextModel, CLIPTokenizer),
 OUTPUT_TYPES = ("pil", "latent", "tensor")
 PIPE_SETTING = object()  # an argument left to the pipeline's attribute of the same meaning
 # encode_prompt's keyword options of every model, which the tasks pass through.
-PROMPT_OPTIONS = frozenset({"clip_skip", "prompt_syntax", "emphasis"})
+PROMPT_OPTIONS = frozenset({"clip_skip", "prompt_syntax", "emphasis", "pad_conds"})
 
 
 def _lora_tags_applied(task):
@@ -177,7 +177,7 @@ class StableDiffusion(nn.Module):
         return self.text_encoder(self.tokenizer(prompts).to(self.device))
 
     def encode_prompt(self, prompt, negative_prompt="", *, num_images=1, clip_skip=None,
-                      prompt_syntax="a1111", emphasis="original"):
+                      prompt_syntax="a1111", emphasis="original", pad_conds=True):
         """(cond, uncond): the conditioning dicts of guidance's two halves, each
         {"context": (B · num_images, 77 · n, D)}, images of one prompt next to each other.
 
@@ -185,7 +185,9 @@ class StableDiffusion(nn.Module):
         prompt takes the place of the empty prompt of classifier-free guidance.
         prompt_syntax: "a1111" reads AUTOMATIC1111's `(word:1.2)`, `[word]`, `BREAK`; "plain"
         takes the text literally (`ldm.prompts`). Prompts longer than 75 tokens are encoded in
-        chunks of 77 (n of them; prompt and negative padded to the same n with empty chunks).
+        chunks of 77 (n of them). pad_conds: prompt and negative padded to the same n with
+        empty chunks (A1111's "Pad conds", so guidance runs as one batch); False leaves each
+        its own n (A1111's default; guidance then runs the two halves separately).
         A plain prompt of at most 75 tokens gives CompVis's conditioning bit for bit.
         emphasis: how weights apply, "original" (A1111's), "no_norm" or "comfy" (ComfyUI's).
         clip_skip: A1111's "CLIP skip" N ≥ 1 (SD 1.x): the hidden state N − 1 blocks before
@@ -197,9 +199,10 @@ class StableDiffusion(nn.Module):
         negatives = _per_prompt(negative_prompt, len(prompts))
         layers = self._clip_skip_layers(clip_skip)
         vectors = self._embedding_vectors("text_encoder")
-        cond, uncond = prompt_lib.pad_chunks(
-            self._tokenize(self.tokenizer, prompts, prompt_syntax, vectors),
-            self._tokenize(self.tokenizer, negatives, prompt_syntax, vectors))
+        cond = self._tokenize(self.tokenizer, prompts, prompt_syntax, vectors)
+        uncond = self._tokenize(self.tokenizer, negatives, prompt_syntax, vectors)
+        if _check_bool("pad_conds", pad_conds):
+            cond, uncond = prompt_lib.pad_chunks(cond, uncond)
         encode = self._chunk_encoder(self.text_encoder, lambda ids: self.text_encoder(
             ids, layers=layers), vectors, emphasis)
         return ({"context": encode(cond).repeat_interleave(num_images, dim=0)},
@@ -790,6 +793,12 @@ def _cpu(generator):
                          "image): ldm draws noise on the CPU so that a seed gives the same "
                          f"image on any device; got {generator!r}")
     return generator
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def _check_choice(name, value, allowed):

@@ -34,7 +34,7 @@ from ldm import prompts as prompt_lib
 from ldm.models.clip_text import CLIPTextModel
 from ldm.models.open_clip_text import OpenCLIPTextModel
 from ldm.models.unet import timestep_embedding
-from ldm.pipeline import PROMPT_OPTIONS, StableDiffusion, _per_prompt
+from ldm.pipeline import PROMPT_OPTIONS, StableDiffusion, _check_bool, _per_prompt
 from ldm.tokenizer import CLIPTokenizer
 
 SIZE_EMBED_DIM = 256
@@ -85,16 +85,22 @@ class StableDiffusionXL(StableDiffusion):
         """B prompts -> (context (B, 77, 2048) (refiner: 1280), pooled (B, 1280))."""
         return self._encode_texts([prompts])[0]
 
-    def _encode_texts(self, texts, syntax="a1111", emphasis="original"):
+    def _encode_texts(self, texts, syntax="a1111", emphasis="original", pad=True):
         """Lists of prompts -> a (context (B, 77 · n, D), pooled (B, 1280)) for each list, all
-        chunked alike (n the largest count, of either tokenizer): the two encoders' contexts
-        side by side, the pooled text of bigG's first chunk."""
+        chunked alike (n the largest count, of either tokenizer; pad=False: of each list's
+        two tokenizers only): the two encoders' contexts side by side, the pooled text of
+        bigG's first chunk."""
         vectors_g = self._embedding_vectors("text_encoder_2")
         tokens = [self._tokenize(self.tokenizer_2, t, syntax, vectors_g) for t in texts]
         if self.text_encoder is not None:
             vectors_l = self._embedding_vectors("text_encoder")
             tokens += [self._tokenize(self.tokenizer, t, syntax, vectors_l) for t in texts]
-        tokens = prompt_lib.pad_chunks(*tokens)
+        if pad:
+            tokens = prompt_lib.pad_chunks(*tokens)
+        elif self.text_encoder is not None:  # the two encoders of one list still agree
+            pairs = [prompt_lib.pad_chunks(g, l) for g, l in zip(tokens[:len(texts)],
+                                                                  tokens[len(texts):])]
+            tokens = [g for g, _ in pairs] + [l for _, l in pairs]
         encode_g = self._chunk_encoder(self.text_encoder_2, self._big_g, vectors_g, emphasis)
         encoded = [encode_g(t) for t in tokens[:len(texts)]]
         if self.text_encoder is None:
@@ -116,10 +122,10 @@ class StableDiffusionXL(StableDiffusion):
     def encode_prompt(self, prompt, negative_prompt="", *, num_images=1, image_size=None,
                       original_size=None, crops_coords_top_left=(0, 0), target_size=None,
                       aesthetic_score=None, negative_aesthetic_score=None, clip_skip=None,
-                      prompt_syntax="a1111", emphasis="original"):
+                      prompt_syntax="a1111", emphasis="original", pad_conds=True):
         """(cond, uncond): {"context": (B, 77 · n, D), "y": (B, adm)} each, B = prompts ·
-        num_images. prompt_syntax, emphasis: as StableDiffusion.encode_prompt (long prompts
-        in chunks, both encoders alike); clip_skip is SD 1.x's only.
+        num_images. prompt_syntax, emphasis, pad_conds: as StableDiffusion.encode_prompt
+        (long prompts in chunks, both encoders alike); clip_skip is SD 1.x's only.
 
         image_size: the output (height, width), the default of original_size and target_size
         (diffusers' defaults; the default image_size is the native 1024²). crops_coords_top_left
@@ -151,7 +157,8 @@ class StableDiffusionXL(StableDiffusion):
             target = _pair("target_size", target_size or image_size)
             numbers = negative_numbers = [*original, *crop, *target]
         self._clip_skip_layers(clip_skip)  # refuses any but None
-        text, negative_text = self._encode_texts([prompts, negatives], prompt_syntax, emphasis)
+        text, negative_text = self._encode_texts([prompts, negatives], prompt_syntax, emphasis,
+                                                 _check_bool("pad_conds", pad_conds))
         cond = self._conditioning(prompts, text, numbers, num_images)
         uncond = self._conditioning(negatives, negative_text, negative_numbers, num_images,
                                     zero_empty=not self.is_refiner)

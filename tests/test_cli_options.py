@@ -111,3 +111,19 @@ def test_a_missing_lora_file_is_a_usage_error(tmp_path, capsys):
     assert cli.run(["txt2img", "x", "--lora", str(tmp_path / "none.safetensors"),
                     "--out", str(tmp_path / "o.png")]) == cli.EXIT_USAGE
     assert "argument --lora" in capsys.readouterr().err
+
+
+def test_pad_conds_flag_reaches_the_model_and_the_png(tmp_path):
+    long = "a red circle" + ", on a blue background" * 20  # two chunks; the negative one
+    common = ["txt2img", long, "--negative-prompt", "a green square", "--steps", "2", "--seed",
+              "4", "--no-progress", "--sampler", "euler_a"]
+    cli.main(common + ["--out", str(tmp_path / "pad.png")])
+    cli.main(common + ["--no-pad-conds", "--out", str(tmp_path / "nopad.png")])
+    cli.main(["txt2img", "--from-png", str(tmp_path / "nopad.png"), "--no-progress", "--out",
+              str(tmp_path / "again.png")])
+    pad, nopad, again = (Image.open(tmp_path / f"{n}.png") for n in ("pad", "nopad", "again"))
+    assert "Pad conds" not in pad.text["parameters"]
+    assert "Pad conds: False" in nopad.text["parameters"]
+    assert not np.array_equal(np.asarray(pad), np.asarray(nopad))
+    assert np.array_equal(np.asarray(nopad), np.asarray(again))
+    assert again.text["parameters"] == nopad.text["parameters"]

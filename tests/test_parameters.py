@@ -72,7 +72,8 @@ def test_a1111_docstring_example():
         "prompt": A1111_DOCSTRING.split("\n")[0], "negative_prompt": A1111_DOCSTRING.split(
             "\n")[1].removeprefix("Negative prompt: "),
         "steps": 20, "sampler": "euler_a", "schedule": "normal", "cfg_scale": 7.0,
-        "seed": 965400086, "width": 512, "height": 512, "rng": "nv"}
+        "seed": 965400086, "width": 512, "height": 512, "rng": "nv",
+        "pad_conds": False}  # A1111's defaults: the GPU's numbers, no padding
     assert p.info == {"Model hash": "45dee52b"}
     assert p.loras == () and p.unsupported == {} and p.task == "txt2img"
 
@@ -143,6 +144,17 @@ def test_hires_fixes_ldm_does_not_run_are_named(entries, key, why):
     p = parse_quietly(text)
     assert key in p.unsupported and "strength" not in p.kwargs  # never img2img's
 
+
+def test_pad_conds():
+    """Absent from A1111's line: not padded, its default; "Pad conds: True": ldm's default."""
+    assert parse_parameters(f"a\n{SETTINGS}").kwargs["pad_conds"] is False
+    p = parse_parameters(f"a\n{SETTINGS}, Pad conds: True")
+    assert "pad_conds" not in p.kwargs and p.unsupported == {} and "Pad conds" not in p.info
+    for pad in (True, False):
+        text = format_parameters({**BASE, "pad_conds": pad})
+        assert ("Pad conds: False" in text) is not pad  # ldm's lines: only when it differs
+        assert parse_parameters(text).kwargs.get("pad_conds", True) is pad
+    assert "Pad conds" in parse_quietly(f"a\n{SETTINGS}, Pad conds: maybe").unsupported
 
 def test_hires_round_trip():
     for hires in ({"hires_scale": 2, "hires_strength": 0.55},
@@ -240,7 +252,7 @@ def test_each_difference_is_named(entry, key):
 
 
 @pytest.mark.parametrize("entry", ["Seed resize from: -1x-1", "ENSD: 0", "Variation seed: 7, "
-                                   "Variation seed strength: 0", "NGMS: 0", "Pad conds: True",
+                                   "Variation seed strength: 0", "NGMS: 0",
                                    "TI hashes: \"x: 1\"", "FP8 weight: Disable"])
 def test_neutral_entries_are_information(entry):
     p = parse_parameters(f"a\n{SETTINGS}, {entry}")
@@ -393,8 +405,8 @@ def test_the_cli_line_with_rng_and_version():
     assert version.startswith("Version: ldm ")
     assert ours == cli_line.replace("Clip skip: 2, ", "Clip skip: 2, RNG: CPU, ") + ", " + version
     legacy = parse_parameters(cli_line)  # made before RNG was written: read as A1111's default
-    assert legacy.kwargs["rng"] == "nv"
-    assert {k: v for k, v in legacy.kwargs.items() if k != "rng"} == {
+    assert legacy.kwargs["rng"] == "nv" and legacy.kwargs["pad_conds"] is False
+    assert {k: v for k, v in legacy.kwargs.items() if k not in ("rng", "pad_conds")} == {
         k: v for k, v in settings.items() if k != "prompt_syntax"}
 
 

@@ -243,6 +243,41 @@ def test_prompts_of_a_batch_and_their_negatives_pad_to_the_same_chunks(sd1):
     assert (b.weights == 1).all()
 
 
+
+def test_pad_conds_false_keeps_each_chunk_count_and_guides_in_two_calls():
+    """A1111 without "Pad conds": a 2-chunk prompt and a 1-chunk negative are encoded as they
+    are, and the U-Net runs the two halves of guidance separately."""
+    import ldm
+    pipe = ldm.load()
+    prompt, negative = "a red circle, " + cats(90), "a blue square"
+    cond, uncond = pipe.encode_prompt(prompt, negative, pad_conds=False)
+    padded_cond, padded_uncond = pipe.encode_prompt(prompt, negative)
+    assert cond["context"].shape[1] == 154 and uncond["context"].shape[1] == 77
+    assert torch.equal(cond["context"], padded_cond["context"])
+    assert torch.equal(uncond["context"], padded_uncond["context"][:, :77])
+    calls = []
+    hook = pipe.unet.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(tuple(kwargs["context"].shape)),
+        with_kwargs=True)
+    seed = int(torch.randint(1 << 30, ()))
+    run = dict(steps=2, seed=seed, output_type="latent", sampler="euler_a")
+    try:
+        separate = pipe.txt2img(prompt, negative_prompt=negative, pad_conds=False, **run)
+        assert calls == [(1, 77, 64), (1, 154, 64)] * 2
+        calls.clear()
+        batched = pipe.txt2img(prompt, negative_prompt=negative, **run)
+        assert calls == [(2, 154, 64)] * 2
+        # one chunk each: nothing to pad, one batch either way, the same numbers
+        calls.clear()
+        short = [pipe.txt2img("a red circle", negative_prompt=negative, pad_conds=pad, **run)
+                 for pad in (False, True)]
+        assert calls == [(2, 77, 64)] * 4 and torch.equal(*short)
+    finally:
+        hook.remove()
+    assert rel_error(separate, batched) > 1e-3  # the empty chunk changes the negative's ε
+    with pytest.raises(TypeError, match="pad_conds must be True or False"):
+        pipe.encode_prompt("a", pad_conds="no")
+
 def test_tokenize_checks_its_arguments(sd1):
     with pytest.raises(ValueError, match="empty list"):
         tokenize(sd1, [])

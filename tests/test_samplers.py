@@ -237,6 +237,25 @@ def test_cfg_is_one_batched_call_with_the_formula(scale):
     assert rel_error(out1, eps_u1 + scale * (eps_c - eps_u1)) < 1e-14
 
 
+
+def test_cfg_of_contexts_of_different_lengths_is_two_calls_with_the_formula():
+    """A negative prompt of fewer chunks, not padded (A1111 without "Pad conds")."""
+    x, t = randn(85, 3, 4, 5, 5), torch.tensor([7, 400, 990])
+    cond = conditioning(86, 3) | {"context": randn(87, 3, 154, 8)}
+    batches = []
+
+    def model(x, t, cond):
+        batches.append((x.shape[0], cond["context"].shape[:2]))
+        return fake_unet(x, t, cond)
+
+    for uncond in (conditioning(88, 3), {k: v[:1] for k, v in conditioning(89, 3).items()}):
+        batches.clear()
+        out = cfg(model, cond, uncond, 5.0)(x, t)
+        assert batches == [(3, (3, 77)), (3, (3, 154))]
+        eps_c = fake_unet(x, t, cond)
+        eps_u = fake_unet(x, t, {k: v.expand(3, *v.shape[1:]) for k, v in uncond.items()})
+        assert rel_error(out, eps_u + 5.0 * (eps_c - eps_u)) < 1e-14
+
 def test_cfg_scale_one_skips_the_unconditional_half():
     x, t, cond = randn(91, 2, 4, 5, 5), torch.tensor([1, 981]), conditioning(92, 2)
     batches = []

@@ -213,3 +213,19 @@ def test_the_command_line_makes_an_sdxl_png_with_its_parameters(base, refiner, t
     assert parameters.startswith("a (red:1.2) circle\n")
     assert "Seed: 7" in parameters and "Size: 32x32" in parameters
     assert "Refiner: refiner.safetensors, Refiner switch at: 0.5" in parameters
+
+
+@pytest.mark.parametrize("kind", ["base", "refiner"])
+def test_pad_conds_false_keeps_each_chunk_count(kind, request):
+    pipe = request.getfixturevalue(kind)
+    prompt, negative = "a castle" + ", on a hill" * 30, "fog"
+    cond, uncond = pipe.encode_prompt(prompt, negative, pad_conds=False)
+    padded, padded_uncond = pipe.encode_prompt(prompt, negative)
+    assert cond["context"].shape[1] == 154 and uncond["context"].shape[1] == 77
+    assert torch.equal(cond["context"], padded["context"])
+    assert torch.equal(uncond["context"], padded_uncond["context"][:, :77])
+    assert torch.equal(uncond["y"], padded_uncond["y"])  # pooled from the first chunk
+    run = dict(steps=2, seed=3, output_type="latent", height=64, width=64)
+    a = pipe.txt2img(prompt, negative_prompt=negative, pad_conds=False, **run)
+    b = pipe.txt2img(prompt, negative_prompt=negative, **run)
+    assert a.shape == b.shape and not torch.equal(a, b)

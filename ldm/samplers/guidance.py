@@ -2,7 +2,9 @@
 network into the eps_fn(x, t) every sampler takes:
     ε = ε(x, t, ∅) + s (ε(x, t, c) − ε(x, t, ∅))
 The conditional and unconditional halves run as one batched call, [uncond; cond] in that
-order, as the original's samplers do.
+order, as the original's samplers do; when their entries differ beyond the batch axis (a
+negative prompt of another number of 77-token chunks, not padded: A1111 without "Pad conds"),
+as two calls.
 
 Conditioning is a dict of tensors whose first axis is the batch, the keywords the U-Net takes:
 {"context": (B, 77, D)} for text, plus {"concat": (B, 5, h, w)} for an inpainting model. Every
@@ -22,10 +24,28 @@ def cfg(model, cond, uncond, scale):
     """
     if scale == 1:
         return lambda x, t: model(x, t, cond)
+    if any(uncond[key].shape[1:] != cond[key].shape[1:] for key in cond.keys() & uncond.keys()):
+        return _separately(model, cond, uncond, scale)
     batched = batch_conditioning(uncond, cond)  # built once, not per step
 
     def eps_fn(x, t):
         eps_uncond, eps_cond = model(torch.cat([x, x]), torch.cat([t, t]), batched).chunk(2)
+        return eps_uncond + scale * (eps_cond - eps_uncond)
+
+    return eps_fn
+
+
+def _separately(model, cond, uncond, scale):
+    """cfg's eps_fn with the two halves in calls of their own (A1111's CFGDenoiser does so
+    when their context lengths differ)."""
+    if uncond.keys() != cond.keys():
+        raise ValueError(f"cond and uncond must have the same entries, got {sorted(cond)} "
+                         f"and {sorted(uncond)}")
+    batch = len(next(iter(cond.values())))
+    uncond = {key: value.expand(batch, *value.shape[1:]) for key, value in uncond.items()}
+
+    def eps_fn(x, t):
+        eps_uncond, eps_cond = model(x, t, uncond), model(x, t, cond)
         return eps_uncond + scale * (eps_cond - eps_uncond)
 
     return eps_fn
