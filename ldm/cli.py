@@ -174,6 +174,9 @@ def _add_common(sub):
     sub.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"),
                      default="auto", help="auto (default): bfloat16 on a CPU with AMX, float32 "
                      "on other CPUs, float16 on CUDA (bfloat16 for SDXL)")
+    sub.add_argument("--offload", choices=("model", "sequential"), help="keep the weights in "
+                     "CPU memory and move each network (model) or each layer (sequential) to "
+                     "the --device GPU only while it runs: for GPUs smaller than the model")
     sub.add_argument("--vae-tile-size", type=int, help="decode (and encode) the image in tiles "
                      "of this many pixels a side, which agree with the whole decode (default: "
                      "whole when it fits in memory, else tiles)")
@@ -229,7 +232,8 @@ def execute(args):
         return generate.execute(args)
     inputs = check(args)
     dtype = args.dtype
-    pipe = load(args.ckpt, device=args.device, dtype=dtype, config=args.config)
+    pipe = load(args.ckpt, device=args.device, dtype=dtype, config=args.config,
+                offload=args.offload)
     if args.vae_tile_size is not None:
         pipe.vae_tile_size = args.vae_tile_size
     for path in args.embedding:
@@ -238,7 +242,8 @@ def execute(args):
     args.loaded_loras = [pipe.load_lora(path, multiplier, text_multiplier=(text or [None])[0])
                          for path, multiplier, *text in args.lora]
     if getattr(args, "refiner", None) is not None:
-        inputs["refiner"] = load(args.refiner, device=args.device, dtype=dtype)
+        inputs["refiner"] = load(args.refiner, device=args.device, dtype=dtype,
+                                 offload=args.offload)
     seed = args.seed if args.seed is not None else int(torch.randint(2**31, ()))
     images = _generate(pipe, args, seed, inputs)
     info = _parameters(pipe, args, images[0].size)
@@ -289,6 +294,9 @@ def check(args):
     _check_values(args)
     _check_sampling(args)
     _check_device(args.device)
+    if args.offload and torch.device(args.device).type == "cpu":
+        raise UsageError("argument --offload: moves the networks to a GPU only while they run, "
+                         "but --device is the CPU (give --device cuda)")
     for flag in ("ckpt", "refiner"):
         if getattr(args, flag, None) is not None:
             _check_readable(f"--{flag}", getattr(args, flag))

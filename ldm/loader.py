@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ldm import checkpoint, precision
+from ldm import offload as offloading  # not `offload`: load's argument has that name
 from ldm.checkpoint import CheckpointError
 from ldm.config import PRESETS, ConfigError, ModelConfig
 from ldm.pipeline import StableDiffusion
@@ -19,7 +20,7 @@ from ldm.sdxl import StableDiffusionXL
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "tiny-shapes.safetensors"
 
 def load(path=None, *, device="cpu", dtype="auto", use_ema=True, strict=False,
-         config=None, mmap=False):
+         config=None, mmap=False, offload=None):
     """Load an original-layout checkpoint (.safetensors or .ckpt) into a `StableDiffusion`.
 
     path: the file; or a dict {original name: tensor} already in memory (its tensors are used as
@@ -40,6 +41,9 @@ def load(path=None, *, device="cpu", dtype="auto", use_ema=True, strict=False,
     file rather than copies: less time and memory, but the file must not change while the model
     is loaded (truncating or rewriting it in place kills the process with SIGBUS). The default
     copies, so the file may be replaced or deleted at any time.
+    offload: "model" or "sequential" keeps the weights in CPU memory and brings each network
+    ("model") or each layer ("sequential") to `device` only while it runs, for a GPU smaller
+    than the model (`StableDiffusion.enable_offload`); dtype "auto" is then `device`'s.
     Raises CheckpointError naming the file and the tensor or config field on bad files
     (missing, misshapen, non-float or non-finite tensors, a malformed embedded config, a zip
     with absurd sizes), FileNotFoundError / IsADirectoryError for paths that are no file, and
@@ -47,6 +51,9 @@ def load(path=None, *, device="cpu", dtype="auto", use_ema=True, strict=False,
     """
     device = _device(device)
     precision.resolve_dtype(dtype, device)  # a bad dtype is refused before the file is read
+    if offload is not None and offload not in offloading.MODES:
+        raise ValueError(f"offload must be None or one of "
+                         f"{', '.join(map(repr, offloading.MODES))}, got {offload!r}")
     ckpt = _open(path, mmap)
     config = detect_config(ckpt) if config is None else _preset(config)
     dtype = precision.resolve_dtype(dtype, device, family=config.text_encoder)
@@ -58,10 +65,14 @@ def load(path=None, *, device="cpu", dtype="auto", use_ema=True, strict=False,
               for n, t in m.state_dict().items()}
     checkpoint.check_tensors(ckpt, rows, shapes, strict=strict)
     checkpoint.check_schedule(ckpt)
+    home = torch.device("cpu") if offload else device
     for component, module in networks.items():
-        weights = checkpoint.read_component(ckpt, rows, component, device=device, dtype=dtype)
+        weights = checkpoint.read_component(ckpt, rows, component, device=home, dtype=dtype)
         module.load_state_dict(weights, strict=True, assign=True)
-    return precision.optimize(pipe.eval())
+    pipe = precision.optimize(pipe.eval())
+    if offload:
+        pipe.enable_offload(offload, device=device)
+    return pipe
 
 
 def save(pipe, path, *, overwrite=False):

@@ -252,3 +252,23 @@ def test_switching_modes_leaves_one_set_of_hooks(pipe):
         pipe.disable_offload()
     pipe.disable_offload()  # twice is harmless
     assert no_hooks_left(pipe)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_load_with_offload(pipe, mode):
+    """ldm.load(offload=...) reads the weights into CPU memory and sets the hooks up."""
+    offloaded = ldm.load(dtype=torch.float32, offload=mode)
+    kind = offload.ModelOffload if mode == "model" else offload.SequentialOffload
+    assert isinstance(offloaded._offload, kind) and offloaded.device == torch.device("cpu")
+    assert torch.equal(generate(offloaded, sampler="euler_a"), generate(pipe, sampler="euler_a"))
+    offloaded.disable_offload()
+    assert no_hooks_left(offloaded)
+    with pytest.raises(ValueError, match="offload must be None or one of 'model', 'sequential'"):
+        ldm.load(offload="layers")
+
+
+def test_cli_offload_needs_a_gpu_device(tmp_path, capsys):
+    from ldm import cli
+    assert cli.run(["txt2img", "a", "--offload", "model", "--device", "cpu", "--out",
+                    str(tmp_path / "o.png")]) == cli.EXIT_USAGE
+    assert "argument --offload: moves the networks to a GPU" in capsys.readouterr().err
