@@ -609,6 +609,5 @@ def _with_seed(info, seed, index, loras=()):
     return {**info, "seed": str(seed), "image_index": str(index), "parameters": parameters}
 
 
-
 if __name__ == "__main__":
     sys.exit(run())

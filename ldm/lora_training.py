@@ -395,4 +395,3 @@ def _legacy_hash(path):
     with open(path, "rb") as f:
         f.seek(0x100000)
         return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
-

@@ -313,4 +313,3 @@ def _resize_and_crop(pixels, size):
                             align_corners=False)  # as PIL's BICUBIC, to a fraction of a level
     top, left = (new_h - height) // 2, (new_w - width) // 2
     return resized[..., top:top + height, left:left + width].clamp(-1, 1)  # bicubic overshoots
-
