@@ -58,7 +58,10 @@ instead, listed in `Parameters.unsupported`. Text that cannot be read (no settin
 number that is not one, a missing Seed) is a ValueError either way.
 
 One A1111 behaviour is not an entry and is not reproduced: its img2img samples the encoded
-image's posterior from torch's global generator (ldm: from the image's own generator).
+image's posterior from torch's global generator, which it does not seed (processing.py,
+StableDiffusionProcessingImg2Img.init), so A1111 itself does not repeat that sample; ldm draws
+it from the image's own generator. The posterior's spread is small next to the noise img2img
+adds, so images stay close, not identical.
 
 ldm's own lines end with "Version: ldm <version>" and always carry RNG (ldm's default is "CPU",
 not A1111's "GPU"); they parse back to the keywords that made them, A1111's sampler
