@@ -279,12 +279,15 @@ def main(argv=None):
                    "that name one of these words (e.g. --only purple star)")
     p.add_argument("--lora", metavar="FILE", help="a LoRA to merge into the model first")
     p.add_argument("--lora-multiplier", type=float, default=1.0)
+    p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16",
+                                                          "float16"),
+                   help="the model's dtype (default float32, the model card's; auto: ldm.load's)")
     args = p.parse_args(argv)
     try:
         world = shapes.world(args.world).naming(*args.only)
     except ValueError as error:
         p.error(f"--world / --only: {error}")
-    pipe = load(args.ckpt)
+    pipe = load(args.ckpt, dtype=args.dtype)
     if args.lora:
         pipe.load_lora(args.lora, args.lora_multiplier)
     scale = pipe.config.sampling.cfg_scale if args.cfg_scale is None else args.cfg_scale
