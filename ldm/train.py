@@ -63,7 +63,7 @@ from einops import rearrange
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ldm import checkpoint
+from ldm import checkpoint, latent_targets
 from ldm.data import shapes
 from ldm.data.folder import ImageFolder, LatentCache
 from ldm.images import to_pil
@@ -816,6 +816,18 @@ def _parse_args(argv):
                    help="full fine-tuning: train the text encoder too (default: U-Net only)")
     g.add_argument("--data", help="a folder of captioned images (ldm.data.folder.ImageFolder) "
                    "to train on; default: shapes world")
+    g.add_argument("--world", help="without --data: the shapes world to train on, e.g. "
+                   "'shapes+purple+star' (ldm.data.shapes.world; default: 'shapes')")
+    g.add_argument("--only", nargs="+", default=[], metavar="WORD", help="with --world: only "
+                   "its captions that name one of these words (e.g. --only purple star)")
+    g.add_argument("--fit-latents", type=int, metavar="N", help="with --world: train on N "
+                   "fixed images whose latents are fitted to the frozen decoder "
+                   "(ldm.latent_targets), kept if the judge reads their decoding right; for "
+                   "words the encoder cannot encode")
+    g.add_argument("--fit-steps", type=int, default=100, help="Adam steps per fitted latent")
+    g.add_argument("--replay", type=float, metavar="SHARE", help="with --world: this share of "
+                   "every batch from the default shapes world (encoded as usual), so that the "
+                   "model keeps what it knew")
     g.add_argument("--resolution", type=int, help="with --data: the training size (default: "
                    "the model's image size)")
     g.add_argument("--cache-latents", metavar="DIR", help="with --data: keep the images' "
@@ -852,7 +864,8 @@ def _check_modes(parser, args):
     if args.init is None:
         needs_init = [n for n in ("lora_rank", "lora_alpha", "lora_text_encoder", "lora_conv_rank",
                                   "lora_conv_alpha", "train_text_encoder", "data", "resolution",
-                                  "cache_latents", "state_dir", "resume") if given(n)]
+                                  "cache_latents", "state_dir", "resume", "world", "only",
+                                  "fit_latents", "replay") if given(n)]
         if needs_init:
             parser.error(f"--{needs_init[0].replace('_', '-')} needs --init (fine-tuning)")
     else:
@@ -865,6 +878,14 @@ def _check_modes(parser, args):
             parser.error("the --lora-* options need --lora-rank")
     if (args.resolution or args.cache_latents) and not args.data:
         parser.error("--resolution and --cache-latents need --data")
+    if args.world is None and any(given(n) for n in ("only", "fit_latents", "replay")):
+        parser.error("--only, --fit-latents and --replay need --world")
+    if args.world is not None and args.data:
+        parser.error("--world and --data are two sources of data: give one")
+    if args.replay is not None and not 0 <= args.replay <= 1:
+        parser.error(f"--replay must be a share in [0, 1], got {args.replay}")
+    if args.fit_latents is not None and (args.fit_latents < 1 or args.fit_steps < 0):
+        parser.error("--fit-latents needs N >= 1 and --fit-steps >= 0")
     if args.sample_every is not None and not args.sample_prompts:
         parser.error("--sample-every needs --sample-prompts")
 
@@ -952,6 +973,8 @@ def _finetune_main(args, config, rank, world, device, on_step):
 
 def _finetune_data(args, pipe, rank):
     """(data function, facts for the LoRA's metadata): shapes world, or --data's folder."""
+    if args.world is not None:
+        return _world_data(args, pipe)
     if args.data is None:
         return shapes.training_batch, {"resolution": (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)}
     resolution = args.resolution or pipe.config.image_size
@@ -969,6 +992,35 @@ def _finetune_data(args, pipe, rank):
             dist.barrier()
     return folder.batch, {"resolution": folder.size, "num_images": len(folder),
                           "cache_latents": cache is not None}
+
+
+def _world_data(args, pipe):
+    """--world's data function: the world's captions (naming --only's words), from images drawn
+    on the fly or from --fit-latents' fitted latents, with a --replay share of the default
+    world. Every rank builds the same data (the fitting is seeded by --seed)."""
+    from ldm import judge  # shapes-world only: it reads the fitted latents' decodings
+    try:
+        world = shapes.world(args.world).naming(*args.only)
+    except ValueError as error:
+        raise SystemExit(f"--world / --only: {error}")
+    facts = {"resolution": (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)}
+    data = world.training_batch
+    if args.fit_latents is not None:
+        # Its small-channel convolutions run faster in this layout on CPUs (weights unchanged).
+        pipe.vae.to(memory_format=torch.channels_last)
+        generator = torch.Generator().manual_seed(args.seed or 0)
+        started = time.monotonic()
+        targets = latent_targets.fit_targets(pipe.vae, world.training_batch(args.fit_latents,
+                                                                            generator),
+                                             keep=judge.accepts, steps=args.fit_steps)
+        log.info("fitted %d latents to the decoder in %.1f min, kept %d", args.fit_latents,
+                 (time.monotonic() - started) / 60, len(targets))
+        data, facts["num_images"] = targets.batch, len(targets)
+    if args.replay:
+        replay = latent_targets.encoded(shapes.training_batch, pipe.vae)
+        data = latent_targets.mixed(latent_targets.encoded(data, pipe.vae)
+                                    if args.fit_latents is None else data, replay, args.replay)
+    return data, facts
 
 
 if __name__ == "__main__":
