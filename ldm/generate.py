@@ -69,6 +69,7 @@ from ldm.checkpoint import CheckpointError
 from ldm.outputs import remove_stale_temporaries, write_png
 from ldm.config import PRESETS
 from ldm.loader import DEFAULT_CHECKPOINT, load
+from ldm.lora import LORA_TAG
 from ldm.samplers.registry import sampler_names
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def to_prompt(item, where, line=0):
     """A Prompt from a string or a {"prompt": …, setting: value, …} dict, every key and value
     checked (ValueError or TypeError naming `where` and the key)."""
     if isinstance(item, str):
-        return Prompt(item, {}, line, where)
+        return Prompt(_without_lora_tags(item, where), {}, line, where)
     if not isinstance(item, dict):
         raise TypeError(f"{where}: a prompt is a string or an object with a \"prompt\", got "
                         f"{type(item).__name__}")
@@ -139,7 +140,17 @@ def to_prompt(item, where, line=0):
         raise ValueError(f"{where}: {problem} \"prompt\"")
     options = {key: check_option(key, value, f"{where}: {key}")
                for key, value in item.items() if key != "prompt" and value is not None}
-    return Prompt(item["prompt"], options, line, where)
+    return Prompt(_without_lora_tags(item["prompt"], where), options, line, where)
+
+
+def _without_lora_tags(text, where):
+    """`text`, refused if it holds an A1111 `<lora:…>` tag: the pipeline would merge the LoRA,
+    but this command has no --lora-dir, and one batch takes several prompts."""
+    if LORA_TAG.search(text):
+        raise ValueError(f"{where}: <lora:…> tags are not read by ldm generate yet: merge the "
+                         "LoRA into the checkpoint, or generate with python -m ldm txt2img "
+                         "--lora-dir")
+    return text
 
 
 def _json_line(line, where):

@@ -203,6 +203,7 @@ def test_jsonl_lines_carry_their_own_settings(pipe, tmp_path):
     ('{"prompt": 3}', r'p.jsonl:2: needs a string as its "prompt"'),
     ('["a red circle"]', r'p.jsonl:2: a prompt is a string or an object'),
     ('{"prompt": "a",', r"p.jsonl:2: not JSON \(Expecting property name"),
+    ('{"prompt": "a <lora:ink:1>"}', r"p.jsonl:2: <lora:…> tags are not read by ldm generate"),
 ])
 def test_a_bad_line_is_named_with_its_key(tmp_path, line, message):
     path = tmp_path / "p.jsonl"
