@@ -20,6 +20,10 @@ float32 SDPA first; the best few are printed beside the default of `_block_sizes
 that table from measurements. Configurations that do not fit the GPU are skipped.
 
     python benchmarks/attention.py [--dtype fp16|bf16] [--runs 100] [--sweep] [--only SHAPE]
+    python benchmarks/attention.py --smoke   # CI, seconds: the tiny correctness check (on the
+                                             # GPU if any, else interpreted), exit 1 if an error
+                                             # exceeds its tolerance; on a GPU then every shape
+                                             # timed over 3 runs
 """
 import itertools
 import argparse
@@ -44,6 +48,12 @@ SHAPES = {
     "clip text causal": (2, 12, 77, 77, 64, True),
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# The correctness check's shapes: odd lengths (partial tiles), every head size SD uses, causal.
+TINY = {"cross, D 40": (1, 2, 37, 77, 40, False), "self, D 160": (1, 1, 70, 70, 160, False),
+        "vae, D 512": (1, 1, 40, 33, 512, False), "causal, D 64": (1, 2, 50, 50, 64, True)}
+# Relative error allowed against SDPA in float64: float32 inputs (the interpreter, numpy's
+# matmuls), or fp16/bf16 ones on a GPU (their rounding of q, k, v, p alone is ~1e-3).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 def flops(B, H, N, M, D, causal):
@@ -179,18 +189,27 @@ def sanity_check_cpu():
         import triton
     except ImportError:
         sys.exit("Triton is not installed (pip install triton): nothing to check.")
+    print(f"torch {torch.__version__}, triton {triton.__version__}, float32 on CPU")
+    return check("cpu", torch.float32)
+
+
+def check(device, dtype):
+    """Our kernel on the TINY shapes in `dtype` against SDPA in float64; True if every relative
+    error is within TOLERANCE."""
     from ldm.kernels.flash_attention import flash_attention
 
-    print(f"torch {torch.__version__}, triton {triton.__version__}, float32 on CPU")
     g = torch.Generator().manual_seed(0)
-    tiny = {"cross, D 40": (1, 2, 37, 77, 40, False), "self, D 160": (1, 1, 70, 70, 160, False),
-            "vae, D 512": (1, 1, 40, 33, 512, False), "causal, D 64": (1, 2, 50, 50, 64, True)}
-    for name, (B, H, N, M, D, causal) in tiny.items():
+    ok = True
+    for name, (B, H, N, M, D, causal) in TINY.items():
         q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=torch.float64) for n in (N, M, M))
-        out = flash_attention(q.float(), k.float(), v.float(), causal=causal)
+        out = flash_attention(*(t.to(device, dtype) for t in (q, k, v)), causal=causal)
         ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        error = rel_error(out.cpu(), ref)
+        verdict = "ok" if error <= TOLERANCE[dtype] else f"TOO LARGE (> {TOLERANCE[dtype]:.0e})"
+        ok &= error <= TOLERANCE[dtype]
         print(f"{name:14} (B={B}, H={H}, N={N}, M={M}, D={D}): "
-              f"relative error {rel_error(out, ref):.1e}")
+              f"relative error {error:.1e} {verdict}", flush=True)
+    return ok
 
 
 def main():
@@ -200,15 +219,24 @@ def main():
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--sweep", action="store_true", help="time a grid of tile sizes")
     parser.add_argument("--only", help="with --sweep: shapes whose name contains this")
+    parser.add_argument("--smoke", action="store_true", help="the correctness check, and on a "
+                        "GPU 3 timed runs per shape; exit 1 on a large error (CI)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sanity_check_cpu()
-        return
+        return 0 if sanity_check_cpu() else 1
+    if args.smoke:
+        print(f"correctness on {torch.cuda.get_device_name()}, {args.dtype}, against float64 "
+              "SDPA:")
+        ok = check("cuda", DTYPES[args.dtype])
+        print()
+        benchmark_gpu(DTYPES[args.dtype], warmup=1, runs=3)
+        return 0 if ok else 1
     if args.sweep:
         sweep_gpu(DTYPES[args.dtype], args.warmup, args.runs, args.only)
         return
     benchmark_gpu(DTYPES[args.dtype], args.warmup, args.runs)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,9 @@
 """Peak memory and time of `ldm.load` on a full-size checkpoint (random weights).
 
     python benchmarks/load_memory.py [--ckpt FILE | --manifest sdxl_base] [--mmap]
+    python benchmarks/load_memory.py --smoke   # CI, seconds: the shipped 11 MB model (float16)
+                                               # cast to float32, and mapped in float16; exit 1
+                                               # if a figure is absurd
 
 Without --ckpt, writes a random checkpoint with the exact tensor set of a release (a manifest of
 tests/data/manifests: sd15_emaonly, the default, or sdxl_base, sdxl_refiner, …; their dtypes
@@ -17,9 +20,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-MANIFESTS = Path(__file__).resolve().parents[1] / "tests/data/manifests"
+ROOT = Path(__file__).resolve().parents[1]
+MANIFESTS = ROOT / "tests/data/manifests"
+SHIPPED = ROOT / "weights/tiny-shapes.safetensors"
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "I64": torch.int64, "I32": torch.int32}
 
 MEASURE = """
@@ -56,10 +62,33 @@ def write_random_checkpoint(path, manifest):
 
 
 def measure(path, dtype, mmap):
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(path), dtype,
-                          "mmap" if mmap else "copy"],
-                         check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(path), dtype,
+                           "mmap" if mmap else "copy"], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"ldm.load({path.name}, dtype={dtype}, mmap={mmap}) failed:\n"
+                 f"{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def float_numel(path):
+    """The number of floating-point values in a .safetensors file, from its header alone."""
+    import math
+
+    with safe_open(str(path), "pt") as f:
+        return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys()
+                   if f.get_slice(name).get_dtype() in ("F64", "F32", "F16", "BF16"))
+
+
+def absurd(r, numel, dtype):
+    """Why a row's figures cannot be right (for --smoke), or None: the weights must be the
+    file's float values in `dtype` (within 10%: the schedule's buffers are no weights), the
+    peaks positive and the anonymous one at most the resident one."""
+    if not 0 < r["peak_anon"] <= r["peak_rss"]:
+        return f"peaks anon {r['peak_anon']}, RSS {r['peak_rss']}"
+    expected = numel * getattr(torch, dtype).itemsize
+    if not 0.9 * expected <= r["weights"] <= 1.1 * expected:
+        return f"weights {r['weights']} bytes, {expected} expected"
+    return None
 
 
 def main():
@@ -69,7 +98,12 @@ def main():
                         help="the release whose tensor set the random file has")
     parser.add_argument("--mmap", action="store_true", help="ldm.load(..., mmap=True)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
+    parser.add_argument("--smoke", action="store_true", help="the shipped model, copied and "
+                        "mapped (CI)")
     args = parser.parse_args()
+    if args.smoke:
+        args.ckpt = SHIPPED
+    failures = []
     with tempfile.TemporaryDirectory() as folder:
         path = args.ckpt
         if path is None:
@@ -79,15 +113,25 @@ def main():
         print(f"machine: {platform.processor() or platform.machine()}, python "
               f"{platform.python_version()}, torch {torch.__version__}")
         print(f"checkpoint: {path.name}, {size / 2**30:.2f} GiB")
-        print(f"{'dtype':<9} {'load s':>7} {'weights GiB':>12} {'peak anon GiB':>14} "
-              f"{'peak RSS GiB':>13}")
-        for dtype in args.dtypes:
-            r = measure(path, dtype, args.mmap)
-            print(f"{dtype:<9} {r['seconds']:>7.1f} {r['weights'] / 2**30:>12.2f} "
-                  f"{r['peak_anon'] / 2**30:>14.2f} {r['peak_rss'] / 2**30:>13.2f}")
-        print("peak anon: memory the load allocated (the weights it copied or cast); peak RSS "
-              "adds the checkpoint's pages mapped from disk, which the OS can drop")
+        print(f"{'dtype':<9} {'mmap':<5} {'load s':>7} {'weights GiB':>12} "
+              f"{'peak anon GiB':>14} {'peak RSS GiB':>13}")
+        rows = [(dtype, args.mmap) for dtype in args.dtypes]
+        if args.smoke:  # a cast (a copy of every tensor), and the weights left in the file
+            rows = [("float32", False), ("float16", True)]
+        for dtype, mmap in rows:
+            r = measure(path, dtype, mmap)
+            print(f"{dtype:<9} {str(mmap):<5} {r['seconds']:>7.2f} {r['weights'] / 2**30:>12.4f} "
+                  f"{r['peak_anon'] / 2**30:>14.2f} {r['peak_rss'] / 2**30:>13.2f}", flush=True)
+            wrong = absurd(r, float_numel(path), dtype) if args.smoke else None
+            if wrong:
+                failures.append(f"{dtype}, mmap={mmap}: {wrong}")
+        print("peak anon: memory the load allocated (the weights it copied or cast) and the "
+              "process's own (Python, torch); peak RSS adds the checkpoint's pages mapped from "
+              "disk, which the OS can drop")
+    for failure in failures:
+        print(f"smoke: absurd figures for {failure}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

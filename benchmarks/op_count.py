@@ -10,6 +10,8 @@ kernel and are counted apart. CUDA graphs (pipe.cuda_graphs) replace all launche
 forward by one.
 
     python benchmarks/op_count.py [--top 8]
+    python benchmarks/op_count.py --smoke    # the tiny preset's U-Net, the same counts, seconds
+                                             # (CI: the script must still run)
 """
 import argparse
 import collections
@@ -22,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_unet import diffusers_config  # noqa: E402  (the same network, in diffusers' terms)
 
-from ldm.models.unet import UNet, UNetConfig  # noqa: E402
+from ldm.models.unet import UNET_TINY, UNet, UNetConfig  # noqa: E402
 
 
 class OperatorCount(TorchDispatchMode):
@@ -43,9 +45,8 @@ def is_view(name):
                     "alias", "detach", "_unsafe_view", "as_strided", "split_with_sizes"}
 
 
-def build(name, dtype):
-    """One SD 1.5 U-Net, forward(x, t, context) -> ε, weights uninitialised on the CPU."""
-    config = UNetConfig()
+def build(name, dtype, config):
+    """One U-Net of `config`, forward(x, t, context) -> ε, weights uninitialised on the CPU."""
     with torch.device("meta"):
         if name == "ldm":
             model = UNet(config)
@@ -58,28 +59,37 @@ def build(name, dtype):
     return lambda x, t, context: model(x, t, context, return_dict=False)[0]
 
 
-def count(name, dtype):
-    forward = build(name, dtype)
+def count(name, dtype, config):
+    """{aten operator: calls} of one forward at batch 2 on an 8x8 latent, 77 tokens."""
+    forward = build(name, dtype, config)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 8, 8, generator=g).to(dtype)
-    context = torch.randn(2, 77, 768, generator=g).to(dtype)
+    x = torch.randn(2, config.in_channels, 8, 8, generator=g).to(dtype)
+    context = torch.randn(2, 77, config.context_dim, generator=g).to(dtype)
     t = torch.tensor([981, 981])
     with torch.inference_mode(), OperatorCount() as ops:
-        forward(x, t, context)
+        eps = forward(x, t, context)
+    if eps.shape != (2, config.out_channels, 8, 8):
+        raise AssertionError(f"{name}: output of shape {tuple(eps.shape)}")
     return ops.counts
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--top", type=int, default=8, help="list the most called operators")
+    parser.add_argument("--smoke", action="store_true", help="the tiny preset's U-Net (CI)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads; default: torch's")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import diffusers
-    print(f"SD 1.5 U-Net, one forward at batch 2; torch {torch.__version__}, "
-          f"diffusers {diffusers.__version__}\n")
+    diffusers.utils.logging.set_verbosity_error()  # "modules … kept in float32: []" on .to()
+    config, title = (UNET_TINY, "tiny preset") if args.smoke else (UNetConfig(), "SD 1.5")
+    print(f"{title} U-Net, one forward at batch 2 (8x8 latent, 77 tokens), on the CPU; "
+          f"torch {torch.__version__}, diffusers {diffusers.__version__}\n")
     print(f"{'U-Net':10} {'dtype':8} {'operators':>9} {'non-view':>9}   most called (non-view)")
     for dtype in (torch.float16, torch.float32):
         for name in ("ldm", "diffusers"):
-            counts = count(name, dtype)
+            counts = count(name, dtype, config)
             compute = {op: n for op, n in counts.items() if not is_view(op)}
             top = sorted(compute.items(), key=lambda kv: -kv[1])[:args.top]
             print(f"{name:10} {str(dtype).split('.')[1]:8} {sum(counts.values()):9d} "
