@@ -40,6 +40,10 @@ kohya LoRA file.
     python -m ldm.train --init v1-5.safetensors --data photos/ --resolution 512 \
         --cache-latents cache/ --lora-rank 16 --precision bf16 --grad-checkpointing \
         --out my.safetensors
+    python -m ldm.train --init weights/tiny-shapes.safetensors --world shapes+purple+star \
+        --only purple star --fit-latents 128 --replay 0.25 --lora-rank 8 --lora-text-encoder \
+        --lora-conv-rank 8 --out new-words.safetensors   # words the encoder cannot encode:
+                                                          # ldm.latent_targets
 """
 import argparse
 import contextlib
