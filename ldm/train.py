@@ -31,10 +31,10 @@ on the process count. Gradient accumulation (`grad_accum` N) splits each rank's 
 N micro-batches whose gradients add up: the batch, hence the result, stays the same.
 
 Fine-tuning (`finetune`, `python -m ldm.train --init FILE`) starts from any checkpoint ldm loads
-and runs stage 2 only, on all of the U-Net's weights (and the text encoder's, if asked) or on a
-LoRA (`ldm.lora_training`) with the model frozen; its resumable state is a folder (`state_dir`:
-the trained weights, the optimiser, the step, the RNG states), its result a model file or a
-kohya LoRA file.
+and runs stage 2 only, on all of the U-Net's weights (and the text encoder's, if asked; `--ema`
+keeps the U-Net's EMA and writes it) or on a LoRA (`ldm.lora_training`) with the model frozen;
+its resumable state is a folder (`state_dir`: the trained weights, the optimiser, the step, the
+RNG states), its result a model file or a kohya LoRA file.
 
     python -m ldm.train --init weights/tiny-shapes.safetensors --lora-rank 8 --out my.safetensors
     python -m ldm.train --init v1-5.safetensors --data photos/ --resolution 512 \
@@ -237,19 +237,22 @@ def train(model_config, train_config, data, checkpoint_path=None, progress=True,
     return state
 
 
-def finetune(pipe, config, data, *, lora=None, train_text_encoder=False, state_dir=None,
-             resume=None, progress=True, on_step=None):
+def finetune(pipe, config, data, *, lora=None, train_text_encoder=False, ema=False,
+             state_dir=None, resume=None, progress=True, on_step=None):
     """Fine-tune `pipe` (a model from any checkpoint, `ldm.load(…, dtype=torch.float32)`) in
     place for `config.steps` steps of the diffusion objective; returns the TrainingState.
 
     lora: a LoRAConfig: train a LoRA (`state.network`, left attached to pipe, so that pipe
     generates with it; `state.network.save(path)` writes the kohya file) with every weight of
     the model frozen. None: train the U-Net's weights, and the text encoder's with
-    `train_text_encoder`. The autoencoder is never trained, and there is no EMA.
+    `train_text_encoder`. The autoencoder is never trained.
+    ema: with full fine-tuning, keep an EMA of the U-Net's weights (`config.ema_decay`, LitEma's
+    warm-up, as from scratch) and end with `pipe.unet` holding it: the weights to sample and
+    export (the raw ones are in the state folder, to resume from).
     data(batch_size, generator): as for `train` (`ImageFolder.batch`, `shapes.training_batch`).
     config: steps, batch, lr, warmup, min_lr_ratio, weight_decay, grad_clip, uncond_prob, seed,
-    checkpoint_every, grad_accum, precision, grad_checkpointing (the vae_* fields, kl_weight,
-    latent_std and ema_decay are not used).
+    checkpoint_every, grad_accum, precision, grad_checkpointing, ema_decay (the vae_* fields,
+    kl_weight and latent_std are not used).
     state_dir: a folder rank 0 writes the resumable state to (`save_finetune_state`) every
     `checkpoint_every` steps and at the end. resume: such a folder to continue from, with
     `pipe` loaded from the same checkpoint and the same lora / train_text_encoder (ValueError
@@ -258,22 +261,28 @@ def finetune(pipe, config, data, *, lora=None, train_text_encoder=False, state_d
     on_step: as for `train` (stage "diffusion", step from 1).
     """
     _check_finetunable(pipe)
+    if ema and lora is not None:
+        raise ValueError("ema is for full fine-tuning: a LoRA's few weights are trained as they "
+                         "are")
     pipe.vae.eval().requires_grad_(False)
     network, params = _trainable(pipe, lora, train_text_encoder, config.seed)
-    settings = _settings(pipe, config, lora, train_text_encoder)
-    state = TrainingState(pipe, None, network=network)
+    settings = _settings(pipe, config, lora, train_text_encoder, ema)
+    state = TrainingState(pipe, EMA(pipe.unet, config.ema_decay) if ema else None,
+                          network=network)
     if resume is not None:
         load_finetune_state(resume, state, settings)
         log.info("resuming %s at step %d", resume, state.step)
     if config.grad_checkpointing:
         enable_gradient_checkpointing(pipe)
     save = None if state_dir is None else lambda: save_finetune_state(state_dir, state, settings)
-    trainer = _Trainer(state, config, data, save, progress, on_step)
+    trainer = _Trainer(state, config, data, save, progress, on_step, finetuning=True)
     try:
         trainer.finetune(params)
         trainer.save()
     finally:
         disable_gradient_checkpointing(pipe)
+    if ema:
+        pipe.unet.load_state_dict(state.ema.shadow)
     return state
 
 
@@ -327,12 +336,12 @@ def _text_parameters_used(encoder):
     return [p for p in encoder.parameters() if id(p) not in unused]
 
 
-def _settings(pipe, config, lora, train_text_encoder):
+def _settings(pipe, config, lora, train_text_encoder, ema):
     """What a resumed run must share with the one that wrote the state (and its TrainConfig,
     which may change), as JSON."""
     return json.dumps({"model": json.loads(pipe.config.to_json()),
                        "lora": None if lora is None else dataclasses.asdict(lora),
-                       "train_text_encoder": train_text_encoder,
+                       "train_text_encoder": train_text_encoder, "ema": ema,
                        "config": dataclasses.asdict(config)}, sort_keys=True)
 
 
@@ -340,7 +349,7 @@ class _Trainer:
     """The training loops of `train` and `finetune`, sharing the state, the data and the
     checkpointing (`save`, a function of nothing, or None)."""
 
-    def __init__(self, state, config, data, save, progress, on_step=None):
+    def __init__(self, state, config, data, save, progress, on_step=None, finetuning=False):
         self.state, self.config, self.data, self._save = state, config, data, save
         self.on_step = on_step
         self.rank, self.world = _world()
@@ -349,7 +358,7 @@ class _Trainer:
         conv = state.pipe.unet.input_blocks[0][0].weight
         self.layout = (torch.channels_last if conv.is_contiguous(memory_format=torch.channels_last)
                        and not conv.is_contiguous() else torch.contiguous_format)
-        batches = {"batch": config.batch} if state.ema is None else {  # fine-tuning: stage 2
+        batches = {"batch": config.batch} if finetuning else {  # fine-tuning: stage 2 alone
             "vae_batch": config.vae_batch, "batch": config.batch}
         for name, batch in batches.items():
             if batch % (self.world * config.grad_accum):
@@ -382,7 +391,9 @@ class _Trainer:
                                        pipe.config.prediction)
         if self.state.network is not None:
             objective.lora = self.state.network  # a submodule, so that DDP averages its grads
-        self._loop("diffusion", objective, params, c.lr, 0, c.steps, self._diffusion_inputs)
+        ema = self.state.ema
+        self._loop("diffusion", objective, params, c.lr, 0, c.steps, self._diffusion_inputs,
+                   after_step=None if ema is None else lambda: ema.update(pipe.unet))
 
     def _loop(self, stage, objective, params, lr, first, last, inputs, after_step=None):
         """Optimise `objective(*micro_batch)` over `inputs(step)` for steps [state.step, last)
@@ -641,11 +652,12 @@ STATE_FILE = "state.pt"  # in a fine-tuning state folder
 
 def save_finetune_state(directory, state, settings):
     """Write a fine-tuning run's resumable state to `directory`/state.pt, atomically: the trained
-    weights (the LoRA's, or the trained networks' in full), the optimiser and grad-scaler
+    weights (the LoRA's, or the trained networks' in full, and the U-Net's EMA), the optimiser and grad-scaler
     states, the step, the RNG states and `settings` (what a resumed run must share)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     contents = {"step": state.step, "weights": _trained_weights(state),
+                "ema_updates": None if state.ema is None else state.ema.num_updates,
                 "optimizer": state.optimizer_state, "scaler": state.scaler_state,
                 "rng": {"cpu": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
@@ -684,7 +696,11 @@ def load_finetune_state(directory, state, settings):
         state.network.load_state_dict(weights["lora"])
     else:
         for name, tensors in weights.items():
-            getattr(state.pipe, name).load_state_dict(tensors)
+            if name != "unet_ema":
+                getattr(state.pipe, name).load_state_dict(tensors)
+    if state.ema is not None:
+        state.ema.shadow = {k: v.clone() for k, v in weights["unet_ema"].items()}
+        state.ema.num_updates = contents["ema_updates"]
     state.step = contents["step"]
     state.optimizer_state, state.optimizer_stage = contents["optimizer"], "diffusion"
     state.scaler_state = contents["scaler"]
@@ -697,8 +713,11 @@ def _trained_weights(state):
     if state.network is not None:
         return {"lora": state.network.state_dict()}
     networks = {"unet": state.pipe.unet, "text_encoder": state.pipe.text_encoder}
-    return {name: module.state_dict() for name, module in networks.items()
-            if any(p.requires_grad for p in module.parameters())}
+    weights = {name: module.state_dict() for name, module in networks.items()
+               if any(p.requires_grad for p in module.parameters())}
+    if state.ema is not None:
+        weights["unet_ema"] = state.ema.shadow
+    return weights
 
 
 def export_model(pipe, path, dtype=torch.float16):
@@ -784,7 +803,7 @@ class Progress:
 # -- command line -------------------------------------------------------------------------------
 
 # TrainConfig fields that only training from scratch uses.
-SCRATCH_ONLY = ("vae_steps", "vae_batch", "vae_lr", "kl_weight", "latent_std", "ema_decay")
+SCRATCH_ONLY = ("vae_steps", "vae_batch", "vae_lr", "kl_weight", "latent_std")
 # Fine-tuning's defaults where the from-scratch recipe's do not fit (lr: LoRA, full).
 FINETUNE_DEFAULTS = {"steps": 1000, "batch": 8, "warmup": 50}
 FINETUNE_LR = {True: 1e-4, False: 1e-5}
@@ -816,6 +835,8 @@ def _parse_args(argv):
     g.add_argument("--lora-conv-rank", type=int, help="also adapt the ResBlocks' and samplers' "
                    "layers (LoCon), 3×3 convolutions at this rank")
     g.add_argument("--lora-conv-alpha", type=float, help="their alpha (default: conv rank)")
+    g.add_argument("--ema", action="store_true", help="full fine-tuning: keep an EMA of the "
+                   "U-Net (--ema-decay, default 0.999) and write it as the U-Net")
     g.add_argument("--train-text-encoder", action="store_true",
                    help="full fine-tuning: train the text encoder too (default: U-Net only)")
     g.add_argument("--data", help="a folder of captioned images (ldm.data.folder.ImageFolder) "
@@ -867,7 +888,8 @@ def _check_modes(parser, args):
     given = lambda name: getattr(args, name) not in (None, False, [])  # noqa: E731
     if args.init is None:
         needs_init = [n for n in ("lora_rank", "lora_alpha", "lora_text_encoder", "lora_conv_rank",
-                                  "lora_conv_alpha", "train_text_encoder", "data", "resolution",
+                                  "lora_conv_alpha", "train_text_encoder", "ema", "data",
+                                  "resolution",
                                   "cache_latents", "state_dir", "resume", "world", "only",
                                   "fit_latents", "replay") if given(n)]
         if needs_init:
@@ -880,6 +902,10 @@ def _check_modes(parser, args):
         if args.lora_rank is None and any(given(n) for n in ("lora_alpha", "lora_text_encoder",
                                                              "lora_conv_rank", "lora_conv_alpha")):
             parser.error("the --lora-* options need --lora-rank")
+        if args.lora_rank is not None and args.ema:
+            parser.error("--ema is for full fine-tuning, not with --lora-rank")
+        if args.ema_decay is not None and not args.ema:
+            parser.error("--ema-decay with --init needs --ema")
     if (args.resolution or args.cache_latents) and not args.data:
         parser.error("--resolution and --cache-latents need --data")
     if args.world is None and any(given(n) for n in ("only", "fit_latents", "replay")):
@@ -962,7 +988,7 @@ def _finetune_main(args, config, rank, world, device, on_step):
                  "LoRA" if lora else "all weights", world, json.dumps(dataclasses.asdict(config)))
     started = time.time()
     state = finetune(pipe, config, data, lora=lora, train_text_encoder=args.train_text_encoder,
-                     state_dir=state_dir, resume=args.resume, on_step=on_step)
+                     ema=args.ema, state_dir=state_dir, resume=args.resume, on_step=on_step)
     if rank != 0:
         return
     dtype = getattr(torch, args.dtype)

@@ -231,18 +231,19 @@ def _die_at(step):
     return on_step
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("mode", ["lora", "full", "full+ema"])
 def test_resumed_finetuning_is_bit_exact(mode, tmp_path):
     """2 steps, killed, resumed for 2 more == 4 steps straight, bit for bit (the adapters or the
-    weights, the optimiser), with the state written every 2 steps."""
+    weights, the U-Net's EMA, the optimiser), with the state written every 2 steps."""
     seed = fresh_seed()
-    config = dataclasses.replace(FEW_STEPS, steps=4, seed=seed % 1000, lr=1e-3)
+    config = dataclasses.replace(FEW_STEPS, steps=4, seed=seed % 1000, lr=1e-3, ema_decay=0.9)
     lora_config = LoRAConfig(rank=2, text_encoder=True) if mode == "lora" else None
 
     def run(**kwargs):
         pipe = random_pipe(SD15_LAYOUT, seed)
         state = train.finetune(pipe, config, data, lora=lora_config, progress=False,
-                               train_text_encoder=mode == "full", **kwargs)
+                               train_text_encoder=mode != "lora", ema=mode == "full+ema",
+                               **kwargs)
         trained = state.network.state_dict() if state.network else weights(pipe)
         return state, {k: v.clone() for k, v in trained.items()}
 
@@ -252,6 +253,8 @@ def test_resumed_finetuning_is_bit_exact(mode, tmp_path):
     resumed, a = run(state_dir=folder, resume=folder)
     straight, b = run()
     assert resumed.step == straight.step == 4
+    if mode == "full+ema":  # the pipes hold the EMA: resumed with its update count
+        assert resumed.ema.num_updates == straight.ema.num_updates == 4
     assert a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     for x, y in zip(resumed.optimizer_state["state"].values(),
@@ -322,6 +325,8 @@ def test_resume_refuses_another_run(tmp_path, caplog):
 
 def test_what_finetune_refuses():
     config = dataclasses.replace(FEW_STEPS, steps=1)
+    with pytest.raises(ValueError, match="ema is for full fine-tuning"):
+        train.finetune(StableDiffusion(SD15_LAYOUT), config, data, lora=LoRAConfig(), ema=True)
     with pytest.raises(ValueError, match="float32"):
         train.finetune(StableDiffusion(SD15_LAYOUT).to(torch.bfloat16), config, data)
     with pytest.raises(ValueError, match="fp16 needs a CUDA"):
@@ -391,6 +396,9 @@ def test_command_line_refuses_mixed_modes(capsys):
                           (["--init", "x", "--vae-steps", "3"], "from scratch"),
                           (["--init", "x", "--lora-alpha", "3"], "need --lora-rank"),
                           (["--init", "x", "--resolution", "64"], "need --data"),
+                          (["--ema"], "needs --init"),
+                          (["--init", "x", "--ema", "--lora-rank", "4"], "not with --lora-rank"),
+                          (["--init", "x", "--ema-decay", "0.99"], "needs --ema"),
                           (["--sample-every", "3"], "needs --sample-prompts")):
         with pytest.raises(SystemExit):
             train.main(argv + ["--out", "o.safetensors"])
