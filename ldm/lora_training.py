@@ -1,7 +1,7 @@
 """Training LoRAs: low-rank adapters around a frozen model, written as kohya/A1111 files.
 
     network = LoRANetwork(pipe, LoRAConfig(rank=8))   # adapters attached; pipe's weights untouched
-    optimizer = torch.optim.AdamW(network.parameters())   # … train (ldm.finetune.finetune does) …
+    optimizer = torch.optim.AdamW(network.parameters())   # … train (ldm.train.finetune does) …
     network.save("style.safetensors", metadata={"ss_output_name": "style"})
     other.load_lora("style.safetensors")              # ldm, A1111, ComfyUI, diffusers all read it
 

@@ -15,7 +15,6 @@ import torch.multiprocessing as mp
 from ldm import checkpoint, train
 from ldm.config import ModelConfig
 from ldm.data import shapes
-from ldm.finetune import finetune
 from ldm.judge import accepts
 from ldm.loader import DEFAULT_CHECKPOINT, load
 from ldm.lora_training import LoRAConfig
@@ -207,7 +206,7 @@ def _first_gradients(config, lora=None, seed=0, **kwargs):
         seen.update({n: p.grad.clone() for n, p in module.named_parameters()
                      if p.grad is not None})
     config = dataclasses.replace(config, steps=1, grad_clip=math.inf, seed=seed % 1000)
-    finetune(pipe, config, shapes.training_batch, lora=lora, progress=False,
+    train.finetune(pipe, config, shapes.training_batch, lora=lora, progress=False,
                    on_step=capture, **kwargs)
     assert seen, "no gradient reached the trained parameters"
     return seen
@@ -330,7 +329,7 @@ def test_finetuning_ema_is_litema_of_the_steps():
         raw.update({k: v.clone() for k, v in state.pipe.text_encoder.state_dict().items()})
         raw["unet"] = {k: v.clone() for k, v in state.pipe.unet.state_dict().items()}
     config = dataclasses.replace(FEW_STEPS, steps=5, lr=1e-2, ema_decay=decay, seed=seed % 1000)
-    state = finetune(pipe, config, shapes.training_batch, train_text_encoder=True, ema=True,
+    state = train.finetune(pipe, config, shapes.training_batch, train_text_encoder=True, ema=True,
                            progress=False, on_step=follow)
     assert state.ema.num_updates == 5
     got = pipe.unet.state_dict()
@@ -351,7 +350,7 @@ def test_train_config_refuses_bad_precision_and_accumulation():
         train.train(MICRO, dataclasses.replace(FEW_STEPS, grad_accum=3), shapes.training_batch,
                     progress=False)
     # fine-tuning has no autoencoder stage: only its batch must divide
-    state = finetune(StableDiffusion(MICRO), dataclasses.replace(
+    state = train.finetune(StableDiffusion(MICRO), dataclasses.replace(
         FEW_STEPS, steps=1, batch=3, grad_accum=3), shapes.training_batch,
         lora=LoRAConfig(rank=1), progress=False)
     assert state.step == 1
