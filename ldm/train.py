@@ -184,8 +184,8 @@ class DiffusionObjective(nn.Module):
 
 @dataclass
 class TrainingState:
-    """Everything a checkpoint holds: the model, the U-Net's EMA (None when fine-tuning), the
-    step, the optimiser; when fine-tuning a LoRA, its `network` (attached to `pipe`)."""
+    """Everything a checkpoint holds: the model, the U-Net's EMA (None when fine-tuning without
+    `ema`), the step, the optimiser; when fine-tuning a LoRA, its `network` (attached to `pipe`)."""
     pipe: StableDiffusion
     ema: EMA | None
     step: int = 0                    # optimisation steps done, both stages counted
@@ -652,8 +652,9 @@ STATE_FILE = "state.pt"  # in a fine-tuning state folder
 
 def save_finetune_state(directory, state, settings):
     """Write a fine-tuning run's resumable state to `directory`/state.pt, atomically: the trained
-    weights (the LoRA's, or the trained networks' in full, and the U-Net's EMA), the optimiser and grad-scaler
-    states, the step, the RNG states and `settings` (what a resumed run must share)."""
+    weights (the LoRA's, or the trained networks' in full, and the U-Net's EMA), the optimiser
+    and grad-scaler states, the step, the RNG states and `settings` (what a resumed run must
+    share)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     contents = {"step": state.step, "weights": _trained_weights(state),
@@ -889,9 +890,8 @@ def _check_modes(parser, args):
     if args.init is None:
         needs_init = [n for n in ("lora_rank", "lora_alpha", "lora_text_encoder", "lora_conv_rank",
                                   "lora_conv_alpha", "train_text_encoder", "ema", "data",
-                                  "resolution",
-                                  "cache_latents", "state_dir", "resume", "world", "only",
-                                  "fit_latents", "replay") if given(n)]
+                                  "resolution", "cache_latents", "state_dir", "resume", "world",
+                                  "only", "fit_latents", "replay") if given(n)]
         if needs_init:
             parser.error(f"--{needs_init[0].replace('_', '-')} needs --init (fine-tuning)")
     else:

@@ -320,25 +320,25 @@ def test_finetuning_ema_is_litema_of_the_steps():
     seed = int(torch.randint(1 << 30, ()))
     pipe = randomize_(StableDiffusion(MICRO), seed)
     expected = {k: v.clone().double() for k, v in pipe.unet.state_dict().items()}
-    decay, raw = 0.95, {}
+    decay, raw_unet, raw_text = 0.95, {}, {}
 
-    def follow(stage, step, loss, state):
+    def follow(stage, step, loss, state):  # the raw weights after each step
         d = min(decay, (1 + step) / (10 + step))
         for k, v in state.pipe.unet.state_dict().items():
             expected[k] += (1 - d) * (v.double() - expected[k])
-        raw.update({k: v.clone() for k, v in state.pipe.text_encoder.state_dict().items()})
-        raw["unet"] = {k: v.clone() for k, v in state.pipe.unet.state_dict().items()}
+        raw_unet.update({k: v.clone() for k, v in state.pipe.unet.state_dict().items()})
+        raw_text.update({k: v.clone() for k, v in state.pipe.text_encoder.state_dict().items()})
     config = dataclasses.replace(FEW_STEPS, steps=5, lr=1e-2, ema_decay=decay, seed=seed % 1000)
     state = train.finetune(pipe, config, shapes.training_batch, train_text_encoder=True, ema=True,
                            progress=False, on_step=follow)
     assert state.ema.num_updates == 5
     got = pipe.unet.state_dict()
     error = _relative({k: v.double() for k, v in got.items()}, expected)
-    moved = _relative(raw["unet"], {k: v.float() for k, v in expected.items()})
+    moved = _relative(raw_unet, {k: v.float() for k, v in expected.items()})
     print(f"EMA vs LitEma by hand {error:.2e}; raw weights vs EMA {moved:.2e}")
     assert error <= 1e-6 and moved > 1e-4  # the EMA, not the raw weights
     text = pipe.text_encoder.state_dict()
-    assert all(torch.equal(text[k], raw[k]) for k in text)
+    assert all(torch.equal(text[k], raw_text[k]) for k in text)
 
 
 def test_train_config_refuses_bad_precision_and_accumulation():
