@@ -77,7 +77,7 @@ class LatentTargets:
         return len(self.captions)
 
     def batch(self, batch_size, generator):
-        """A data function of `ldm.train.finetune`: `batch_size` pairs drawn uniformly (with
+        """A data function of `ldm.finetune.finetune`: `batch_size` pairs drawn uniformly (with
         replacement) by `generator`."""
         picks = torch.randint(len(self), (batch_size,), generator=generator)
         return Batch([self.captions[i] for i in picks.tolist()], [None] * batch_size,

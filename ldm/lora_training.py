@@ -1,7 +1,7 @@
 """Training LoRAs: low-rank adapters around a frozen model, written as kohya/A1111 files.
 
     network = LoRANetwork(pipe, LoRAConfig(rank=8))   # adapters attached; pipe's weights untouched
-    optimizer = torch.optim.AdamW(network.parameters())   # … train (ldm.train.finetune does) …
+    optimizer = torch.optim.AdamW(network.parameters())   # … train (ldm.finetune.finetune does) …
     network.save("style.safetensors", metadata={"ss_output_name": "style"})
     other.load_lora("style.safetensors")              # ldm, A1111, ComfyUI, diffusers all read it
 
@@ -358,7 +358,7 @@ def kohya_training_metadata(config, network, steps, *, started_at, output_name, 
                             resolution=None, num_images=None, cache_latents=False, world=1):
     """The ss_* keys kohya's train_network.py writes that describe a run, those with an honest
     value here (LoRANetwork.save adds the network's own, ss_network_*): `config` the
-    ldm.train.TrainConfig it ran with, `steps` the steps done, `started_at` a time.time(),
+    ldm.training.TrainConfig it ran with, `steps` the steps done, `started_at` a time.time(),
     `init` the checkpoint it started from (its name and A1111's hashes of it), the data's
     `resolution` (H, W) and `num_images`, `world` the number of processes. Values are
     strings, as in kohya's files."""

@@ -239,12 +239,12 @@ def test_latent_cache_key_follows_image_resolution_and_encoder(tmp_path):
 @pytest.mark.slow  # two optimisation steps of the tiny model: ~30 s on a shared 2-core machine
 def test_ldm_train_takes_a_folder(tmp_path):
     """The interface ldm.train consumes: data(batch_size, generator) -> .images, .captions."""
-    from ldm import train
+    from ldm import train, training
 
     for i in range(4):
         add(tmp_path, f"{i}.png", random_image(80, 64, seed=i), f"a picture {i}")
     data = ImageFolder(tmp_path, 32)
-    config = train.TrainConfig(vae_steps=1, vae_batch=2, steps=1, batch=2, warmup=1,
-                               checkpoint_every=10)
+    config = training.TrainConfig(vae_steps=1, vae_batch=2, steps=1, batch=2, warmup=1,
+                                  checkpoint_every=10)
     state = train.train(PRESETS["tiny"], config, data.batch, progress=False)
     assert state.step == 2 and state.pipe.scale_factor > 0

@@ -1,4 +1,4 @@
-"""Training LoRAs (ldm/lora_training.py, ldm.train.finetune): only the adapters learn, and the
+"""Training LoRAs (ldm/lora_training.py, ldm.finetune): only the adapters learn, and the
 file they are saved in means the same to ldm's loader and to diffusers + PEFT, which nobody
 here wrote.
 
@@ -17,7 +17,8 @@ import torch
 from safetensors import safe_open
 
 import ldm
-from ldm import lora, train
+from ldm import lora, train, training
+from ldm.finetune import finetune
 from ldm.config import PRESETS
 from ldm.data.folder import Batch
 from ldm.lora_training import LoRAConfig, LoRANetwork, kohya_training_metadata
@@ -31,7 +32,7 @@ SD15_LAYOUT = dataclasses.replace(PRESETS["tiny"], unet=UNetConfig(
     model_channels=32, context_dim=32, num_heads=2, norm_groups=8))
 LAYOUTS = {"sd15": SD15_LAYOUT, "sd2": TINY_SD2}
 CAPTIONS = ["a red circle", "a blue square on a yellow background", "a cat", "two dogs"]
-FEW_STEPS = train.TrainConfig(steps=3, batch=4, lr=2e-2, warmup=1, checkpoint_every=2)
+FEW_STEPS = training.TrainConfig(steps=3, batch=4, lr=2e-2, warmup=1, checkpoint_every=2)
 EVERYTHING = LoRAConfig(rank=4, alpha=2.0, text_encoder=True, conv_rank=2, conv_alpha=1.0)
 
 
@@ -82,7 +83,7 @@ def trained_lora(layout, config=EVERYTHING, tmp_path=None):
     seed = fresh_seed()
     base = random_pipe(LAYOUTS[layout], seed)
     pipe = random_pipe(LAYOUTS[layout], seed)
-    state = train.finetune(pipe, dataclasses.replace(FEW_STEPS, seed=seed % 1000), data,
+    state = finetune(pipe, dataclasses.replace(FEW_STEPS, seed=seed % 1000), data,
                            lora=config, progress=False)
     return base, pipe, state
 
@@ -241,7 +242,7 @@ def test_resumed_finetuning_is_bit_exact(mode, tmp_path):
 
     def run(**kwargs):
         pipe = random_pipe(SD15_LAYOUT, seed)
-        state = train.finetune(pipe, config, data, lora=lora_config, progress=False,
+        state = finetune(pipe, config, data, lora=lora_config, progress=False,
                                train_text_encoder=mode != "lora", ema=mode == "full+ema",
                                **kwargs)
         trained = state.network.state_dict() if state.network else weights(pipe)
@@ -269,7 +270,7 @@ def _first_gradients(seed):
 
     def capture(stage, step, loss, state):
         seen.update({n: p.grad.clone() for n, p in state.network.named_parameters()})
-    train.finetune(random_pipe(SD15_LAYOUT, seed), dataclasses.replace(
+    finetune(random_pipe(SD15_LAYOUT, seed), dataclasses.replace(
         FEW_STEPS, steps=1, seed=seed % 1000), data, lora=EVERYTHING, progress=False,
         on_step=capture)
     return seen
@@ -309,33 +310,33 @@ def test_data_parallel_lora_gradients_are_the_batch_gradients(tmp_path):
 
 def test_resume_refuses_another_run(tmp_path, caplog):
     config = dataclasses.replace(FEW_STEPS, steps=1)
-    train.finetune(random_pipe(SD15_LAYOUT, 1), config, data, lora=LoRAConfig(rank=2),
+    finetune(random_pipe(SD15_LAYOUT, 1), config, data, lora=LoRAConfig(rank=2),
                    state_dir=tmp_path, progress=False)
     longer = dataclasses.replace(config, steps=2)
-    state = train.finetune(random_pipe(SD15_LAYOUT, 1), longer, data, lora=LoRAConfig(rank=2),
+    state = finetune(random_pipe(SD15_LAYOUT, 1), longer, data, lora=LoRAConfig(rank=2),
                            resume=tmp_path, progress=False)
     assert state.step == 2 and "'steps': (1, 2)" in caplog.text  # allowed, and said
     with pytest.raises(ValueError, match="lora"):
-        train.finetune(random_pipe(SD15_LAYOUT, 1), config, data, lora=LoRAConfig(rank=4),
+        finetune(random_pipe(SD15_LAYOUT, 1), config, data, lora=LoRAConfig(rank=4),
                        resume=tmp_path, progress=False)
     with pytest.raises(FileNotFoundError, match="state.pt"):
-        train.finetune(random_pipe(SD15_LAYOUT, 1), config, data, resume=tmp_path / "none",
+        finetune(random_pipe(SD15_LAYOUT, 1), config, data, resume=tmp_path / "none",
                        progress=False)
 
 
 def test_what_finetune_refuses():
     config = dataclasses.replace(FEW_STEPS, steps=1)
     with pytest.raises(ValueError, match="ema is for full fine-tuning"):
-        train.finetune(StableDiffusion(SD15_LAYOUT), config, data, lora=LoRAConfig(), ema=True)
+        finetune(StableDiffusion(SD15_LAYOUT), config, data, lora=LoRAConfig(), ema=True)
     with pytest.raises(ValueError, match="float32"):
-        train.finetune(StableDiffusion(SD15_LAYOUT).to(torch.bfloat16), config, data)
+        finetune(StableDiffusion(SD15_LAYOUT).to(torch.bfloat16), config, data)
     with pytest.raises(ValueError, match="fp16 needs a CUDA"):
-        train.finetune(StableDiffusion(SD15_LAYOUT), dataclasses.replace(config, precision="fp16"),
+        finetune(StableDiffusion(SD15_LAYOUT), dataclasses.replace(config, precision="fp16"),
                        data, lora=LoRAConfig(), progress=False)
     with pytest.raises(ValueError, match="inpainting"):
         inpainting = dataclasses.replace(SD15_LAYOUT, unet=dataclasses.replace(
             SD15_LAYOUT.unet, in_channels=9))
-        train.finetune(StableDiffusion(inpainting), config, data)
+        finetune(StableDiffusion(inpainting), config, data)
 
 
 def test_detach_restores_the_model():

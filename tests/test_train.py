@@ -12,9 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ldm import checkpoint, train
+from ldm import checkpoint, train, training
 from ldm.config import ModelConfig
 from ldm.data import shapes
+from ldm.finetune import finetune
 from ldm.judge import accepts
 from ldm.loader import DEFAULT_CHECKPOINT, load
 from ldm.lora_training import LoRAConfig
@@ -30,7 +31,7 @@ MICRO = ModelConfig(
     vae=VAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4),
     text=CLIPTextConfig(width=8, layers=1, heads=1),
     scale_factor=1.0)
-FEW_STEPS = train.TrainConfig(vae_steps=4, vae_batch=4, steps=4, batch=4, warmup=1,
+FEW_STEPS = training.TrainConfig(vae_steps=4, vae_batch=4, steps=4, batch=4, warmup=1,
                               checkpoint_every=2, ema_decay=0.9)
 
 
@@ -60,7 +61,7 @@ def _fixed_images(n=8):
 def _losses(pipe):
     autoencoder = train.AutoencoderObjective(pipe.vae, 1e-5)(
         _fixed_images(), torch.zeros(8, 4, 32, 32))
-    diffusion = train.DiffusionObjective(pipe.text_encoder, pipe.unet, pipe.alphas_cumprod)(
+    diffusion = training.DiffusionObjective(pipe.text_encoder, pipe.unet, pipe.alphas_cumprod)(
         *_fixed_diffusion_batch(pipe))
     return autoencoder.item(), diffusion.item()
 
@@ -206,7 +207,7 @@ def _first_gradients(config, lora=None, seed=0, **kwargs):
         seen.update({n: p.grad.clone() for n, p in module.named_parameters()
                      if p.grad is not None})
     config = dataclasses.replace(config, steps=1, grad_clip=math.inf, seed=seed % 1000)
-    train.finetune(pipe, config, shapes.training_batch, lora=lora, progress=False,
+    finetune(pipe, config, shapes.training_batch, lora=lora, progress=False,
                    on_step=capture, **kwargs)
     assert seen, "no gradient reached the trained parameters"
     return seen
@@ -270,13 +271,13 @@ def test_checkpointing_wraps_and_unwraps_blocks():
     from ldm.pipeline import StableDiffusion as Pipe
 
     pipe = Pipe(MICRO)
-    train.enable_gradient_checkpointing(pipe)
+    training.enable_gradient_checkpointing(pipe)
     blocks = [*pipe.unet.input_blocks, pipe.unet.middle_block, *pipe.unet.output_blocks,
               *pipe.text_encoder.encoder.layers]
     assert all("forward" in b.__dict__ for b in blocks)
     copied = copy.deepcopy(pipe.unet)  # a copy's blocks run the copy's weights
     assert copied.middle_block.forward.__self__ is copied.middle_block
-    train.disable_gradient_checkpointing(pipe)
+    training.disable_gradient_checkpointing(pipe)
     assert not any("forward" in b.__dict__ for b in blocks)
 
 
@@ -303,7 +304,7 @@ def test_v_prediction_objective():
     v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
 
     def objective(unet):
-        return train.DiffusionObjective(lambda ids: torch.zeros(3, 77, 8), unet,
+        return training.DiffusionObjective(lambda ids: torch.zeros(3, 77, 8), unet,
                                         schedule.alphas_cumprod(), prediction="v")
     exact = objective(lambda x, t, context: v)(latents, None, t, noise)
     eps = objective(lambda x, t, context: noise)(latents, None, t, noise)
@@ -329,7 +330,7 @@ def test_finetuning_ema_is_litema_of_the_steps():
         raw_unet.update({k: v.clone() for k, v in state.pipe.unet.state_dict().items()})
         raw_text.update({k: v.clone() for k, v in state.pipe.text_encoder.state_dict().items()})
     config = dataclasses.replace(FEW_STEPS, steps=5, lr=1e-2, ema_decay=decay, seed=seed % 1000)
-    state = train.finetune(pipe, config, shapes.training_batch, train_text_encoder=True, ema=True,
+    state = finetune(pipe, config, shapes.training_batch, train_text_encoder=True, ema=True,
                            progress=False, on_step=follow)
     assert state.ema.num_updates == 5
     got = pipe.unet.state_dict()
@@ -343,14 +344,14 @@ def test_finetuning_ema_is_litema_of_the_steps():
 
 def test_train_config_refuses_bad_precision_and_accumulation():
     with pytest.raises(ValueError, match="precision"):
-        train.TrainConfig(precision="fp8")
+        training.TrainConfig(precision="fp8")
     with pytest.raises(ValueError, match="grad_accum"):
-        train.TrainConfig(grad_accum=0)
+        training.TrainConfig(grad_accum=0)
     with pytest.raises(ValueError, match="vae_batch 4 must be a multiple"):
         train.train(MICRO, dataclasses.replace(FEW_STEPS, grad_accum=3), shapes.training_batch,
                     progress=False)
     # fine-tuning has no autoencoder stage: only its batch must divide
-    state = train.finetune(StableDiffusion(MICRO), dataclasses.replace(
+    state = finetune(StableDiffusion(MICRO), dataclasses.replace(
         FEW_STEPS, steps=1, batch=3, grad_accum=3), shapes.training_batch,
         lora=LoRAConfig(rank=1), progress=False)
     assert state.step == 1
