@@ -58,11 +58,15 @@ SHOWN = 5                  # names a message lists before "…"
 @dataclass
 class Batch:
     """A training batch: captions and paths, and images (B, 3, H, W) in [-1, 1] or, from a
-    latent cache, latents (B, C, h, w)."""
+    latent cache, latents (B, C, h, w). ImageFolder.batch also gives each image's size before
+    resizing, `original_sizes` [(h, w)], and where its crop starts in the resized image,
+    `crop_coords` [(top, left)]: SDXL's size conditioning (None: unknown)."""
     captions: list
     paths: list
     images: torch.Tensor | None = None
     latents: torch.Tensor | None = None
+    original_sizes: list | None = None
+    crop_coords: list | None = None
 
 
 def collate(items):
@@ -85,12 +89,14 @@ class ImageFolder(torch.utils.data.Dataset):
         self.latents = latents
         captions = _metadata_captions(self.root)
         self.items, self.skipped = [], []    # [(path, caption)], [(path, (w, h))]
+        self.original_sizes = []             # [(h, w)] of the items, upright
         for path in _image_files(self.root):
             width, height = _upright_size(path)
             if width < self.size[1] or height < self.size[0]:
                 self.skipped.append((path, (width, height)))
             else:
                 self.items.append((path, _caption(path, captions, default_caption)))
+                self.original_sizes.append((height, width))
         self._warn_skipped()
         if not self.items:
             raise ValueError(f"image folder {self.root} holds no image of at least "
@@ -133,7 +139,11 @@ class ImageFolder(torch.utils.data.Dataset):
         generator advances the same on every rank)."""
         order = torch.cat([torch.randperm(len(self), generator=generator)
                            for _ in range(-(-batch_size // len(self)))])[:batch_size]
-        return collate([self[i] for i in order[slice(None) if part is None else part].tolist()])
+        picked = order[slice(None) if part is None else part].tolist()
+        batch = collate([self[i] for i in picked])
+        batch.original_sizes = [self.original_sizes[i] for i in picked]
+        batch.crop_coords = [_cover(size, self.size)[1] for size in batch.original_sizes]
+        return batch
 
     def cache_latents(self, batch_size=8):
         """Encode every image not in the latent cache yet, `batch_size` at a time; returns how
@@ -306,10 +316,17 @@ def _resize_and_crop(pixels, size):
     """(B, 3, h, w) -> (B, 3, H, W): scaled down until it covers size (H, W), then its centre
     cut out (diffusers' Resize + CenterCrop; the whole image is resized, so the pixels at the
     crop's edges are filtered with their true neighbours)."""
-    (height, width), (h, w) = size, pixels.shape[-2:]
-    scale = max(width / w, height / h)  # <= 1: smaller images are skipped
-    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    height, width = size
+    (new_h, new_w), (top, left) = _cover(pixels.shape[-2:], size)
     resized = F.interpolate(pixels, size=(new_h, new_w), mode="bicubic", antialias=True,
                             align_corners=False)  # as PIL's BICUBIC, to a fraction of a level
-    top, left = (new_h - height) // 2, (new_w - width) // 2
     return resized[..., top:top + height, left:left + width].clamp(-1, 1)  # bicubic overshoots
+
+
+def _cover(original, size):
+    """An image of `original` (h, w) -> (the (h, w) it is resized to, to just cover `size`
+    (H, W); the (top, left) of the centred crop of `size` in it)."""
+    (height, width), (h, w) = size, original
+    scale = max(width / w, height / h)  # <= 1: smaller images are skipped
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    return (new_h, new_w), ((new_h - height) // 2, (new_w - width) // 2)
