@@ -3,7 +3,7 @@ alone, the autoencoder frozen): all of the U-Net's weights (and the text encoder
 `ema=True` keeps the U-Net's EMA and ends with it), or a LoRA (`ldm.lora_training`) with the
 model frozen. Its resumable state is a folder (`state_dir`: the trained weights, the optimiser,
 the step, the RNG states), its result a model file or a kohya LoRA file. The command line is
-`ldm.train`'s, with `--init FILE`:
+`ldm.train`'s, with `--init FILE` (SD 1.x/2.x, the shipped model, SDXL base):
 
     python -m ldm.train --init weights/tiny-shapes.safetensors --lora-rank 8 --out my.safetensors
     python -m ldm.train --init v1-5.safetensors --data photos/ --resolution 512 \
@@ -29,8 +29,9 @@ from ldm import checkpoint, latent_targets
 from ldm.data import shapes
 from ldm.data.folder import ImageFolder, LatentCache
 from ldm.loader import load
-from ldm.lora_training import LoRAConfig, LoRANetwork, kohya_training_metadata
-from ldm.training import (EMA, DiffusionObjective, Trainer, TrainingState,
+from ldm.lora_training import (LoRAConfig, LoRANetwork, kohya_training_metadata,
+                               text_blocks_run)
+from ldm.training import (EMA, Trainer, TrainingState, diffusion_objective,
                           disable_gradient_checkpointing, enable_gradient_checkpointing)
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,10 @@ def finetune(pipe, config, data, *, lora=None, train_text_encoder=False, ema=Fal
 
     lora: a LoRAConfig: train a LoRA (`state.network`, left attached to pipe, so that pipe
     generates with it; `state.network.save(path)` writes the kohya file) with every weight of
-    the model frozen. None: train the U-Net's weights, and the text encoder's with
-    `train_text_encoder`. The autoencoder is never trained.
+    the model frozen. None: train the U-Net's weights, and the text encoder's (SDXL: both
+    encoders') with `train_text_encoder`. The autoencoder is never trained. SDXL base trains
+    on its own conditioning (`ldm.training.SDXLObjective`: captions truncated to 77 tokens,
+    sizes from the batch); the refiner and inpainting models are refused.
     ema: with full fine-tuning, keep an EMA of the U-Net's weights (`config.ema_decay`, LitEma's
     warm-up, as from scratch) and end with `pipe.unet` holding it: the weights to sample and
     export (the raw ones are in the state folder, to resume from).
@@ -75,8 +78,7 @@ def finetune(pipe, config, data, *, lora=None, train_text_encoder=False, ema=Fal
         enable_gradient_checkpointing(pipe)
     save = None if state_dir is None else lambda: save_finetune_state(state_dir, state, settings)
     trainer = Trainer(state, config, data, save, progress, on_step, finetuning=True)
-    objective = DiffusionObjective(pipe.text_encoder, pipe.unet, pipe.alphas_cumprod,
-                                   pipe.config.prediction)
+    objective = diffusion_objective(pipe)
     if network is not None:
         objective.lora = network  # a submodule, so that DDP averages its gradients
     after_step = None if state.ema is None else lambda: state.ema.update(pipe.unet)
@@ -93,9 +95,10 @@ def finetune(pipe, config, data, *, lora=None, train_text_encoder=False, ema=Fal
 
 def _check_finetunable(pipe):
     c = pipe.config
-    if c.text_encoder in ("sdxl", "sdxl-refiner"):
-        raise ValueError("fine-tuning SDXL is not supported yet: its U-Net also takes y (pooled "
-                         "text and image sizes), which the training objective does not build")
+    if c.text_encoder == "sdxl-refiner":
+        raise ValueError("fine-tuning the SDXL refiner is not supported: it was trained on the "
+                         "low-noise end of the schedule only, and its y holds an aesthetic "
+                         "score no caption folder gives; fine-tune the SDXL base")
     if c.unet.in_channels != c.unet.out_channels:
         raise ValueError(f"fine-tuning an inpainting model ({c.unet.in_channels} input "
                          "channels) is not supported: its objective needs masks")
@@ -109,8 +112,10 @@ def _check_finetunable(pipe):
 
 def _trainable(pipe, lora, train_text_encoder, seed):
     """(LoRANetwork or None, the parameters to optimise); everything else frozen."""
+    encoders = _text_encoders(pipe)
     pipe.unet.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    for encoder in encoders.values():
+        encoder.requires_grad_(False)
     if lora is not None:
         if train_text_encoder:
             raise ValueError("train_text_encoder is for full fine-tuning; a LoRA adapts the "
@@ -121,24 +126,37 @@ def _trainable(pipe, lora, train_text_encoder, seed):
         return network, list(network.parameters())
     pipe.unet.requires_grad_(True).train()
     if train_text_encoder:
-        for p in _text_parameters_used(pipe.text_encoder):
-            p.requires_grad_(True)
-        pipe.text_encoder.train()
-    networks = (pipe.unet, pipe.text_encoder)
+        for name, encoder in encoders.items():
+            for p in _text_parameters_used(pipe.networks(), name):
+                p.requires_grad_(True)
+            encoder.train()
+    networks = (pipe.unet, *encoders.values())
     return None, [p for m in networks for p in m.parameters() if p.requires_grad]
 
 
-def _text_parameters_used(encoder):
-    """The text encoder's parameters that reach the context: not OpenCLIP's projection, logit
-    scale or the blocks SD 2 skips (DDP insists that every trained parameter gets a gradient)."""
-    cfg = encoder.cfg
-    unused = set()
+def _text_encoders(pipe):
+    """{"text_encoder": …}; SDXL: {"text_encoder": CLIP-L, "text_encoder_2": bigG}."""
+    return {name: module for name, module in pipe.networks().items()
+            if name.startswith("text_encoder")}
+
+
+def _text_parameters_used(networks, name):
+    """The parameters of text encoder `name` that reach the conditioning (DDP insists that every
+    trained parameter gets a gradient): not the blocks the model skips (`text_blocks_run`), nor
+    OpenCLIP's logit scale; nor the final norm where the last block is skipped (SD 2 normalises
+    its penultimate state with ln_final, SDXL's CLIP-L takes it as it is), nor OpenCLIP's
+    projection outside SDXL (whose pooled text is projected)."""
+    encoder, sdxl = networks[name], "text_encoder_2" in networks
+    run = text_blocks_run(networks, name)
     if hasattr(encoder, "transformer"):  # OpenCLIP
-        used = cfg.layers - cfg.skip_last
-        unused = {id(p) for block in encoder.transformer.resblocks[used:]
-                  for p in block.parameters()}
-        unused |= {id(encoder.text_projection), id(encoder.logit_scale)}
-    return [p for p in encoder.parameters() if id(p) not in unused]
+        unused = [*encoder.transformer.resblocks[run:], encoder.logit_scale]
+        unused += [] if sdxl else [encoder.text_projection]
+    else:  # CLIP
+        unused = [*encoder.encoder.layers[run:]]
+        unused += [encoder.final_layer_norm] if sdxl else []
+    ids = {id(p) for item in unused
+           for p in ([item] if isinstance(item, torch.nn.Parameter) else item.parameters())}
+    return [p for p in encoder.parameters() if id(p) not in ids]
 
 
 def _settings(pipe, config, lora, train_text_encoder, ema):
@@ -218,7 +236,7 @@ def load_finetune_state(directory, state, settings):
 def _trained_weights(state):
     if state.network is not None:
         return {"lora": state.network.state_dict()}
-    networks = {"unet": state.pipe.unet, "text_encoder": state.pipe.text_encoder}
+    networks = {"unet": state.pipe.unet, **_text_encoders(state.pipe)}
     weights = {name: module.state_dict() for name, module in networks.items()
                if any(p.requires_grad for p in module.parameters())}
     if state.ema is not None:

@@ -296,11 +296,20 @@ def _layers(block, block_name):
             yield name, layer
 
 
+def text_blocks_run(networks, name):
+    """How many blocks of text encoder `name` the model runs: SD 2 stops OpenCLIP one block
+    early; SDXL stops CLIP-L one block early (its context is the penultimate state) but runs
+    all of bigG (its pooled text is the last state's)."""
+    encoder = networks[name]
+    if "text_encoder_2" in networks:  # SDXL
+        return encoder.cfg.layers - (1 if name == "text_encoder" else 0)
+    return encoder.cfg.layers - getattr(encoder.cfg, "skip_last", 0)
+
+
 def _runs(networks, target):
-    """Whether a text layer is one the text encoder runs: SD 2 stops OpenCLIP one block early,
-    so a LoRA on its last block would never be trained."""
-    encoder = networks[target.network]
-    used = encoder.cfg.layers - getattr(encoder.cfg, "skip_last", 0)
+    """Whether a text layer is one the text encoder runs (`text_blocks_run`): a LoRA on a block
+    that never runs would never be trained."""
+    used = text_blocks_run(networks, target.network)
     for word in ("layers", "resblocks"):
         parts = target.param.split(".")
         if word in parts:

@@ -52,6 +52,32 @@ def size_embedding(numbers):
                                                                          count * SIZE_EMBED_DIM)
 
 
+def big_g(encoder, ids):
+    """bigG, ids (B, 77) -> (its state after 31 of 32 blocks as it is (B, 77, 1280), pooled
+    text (B, 1280))."""
+    states = encoder.hidden_states(ids)  # all 32 blocks, for the pooled text
+    return states[-2], encoder.pooled(states[-1], ids)
+
+
+def clip_l(encoder, ids):
+    """CLIP-L, ids (B, 77) -> its state after 11 of 12 blocks, without the final norm
+    (B, 77, 768)."""
+    layers = encoder.cfg.layers - 1  # the last block is never used
+    return encoder.hidden_states(ids, layers)[-1]
+
+
+def conditioning(text_encoder, text_encoder_2, ids, ids_2, numbers):
+    """The base's conditioning of one 77-token chunk, with gradients (what training needs; the
+    encoders are arguments so that a training objective that holds them as submodules runs
+    them): CLIP-L ids (B, 77), bigG ids_2 (B, 77), numbers (B, 6) = (original h, w, crop top,
+    left, target h, w) per image -> {"context": (B, 77, 2048), "y": (B, 2816)}. For a prompt
+    of one chunk without emphasis, `encode_prompt` builds the same."""
+    context, pooled = big_g(text_encoder_2, ids_2)
+    context = torch.cat([clip_l(text_encoder, ids), context], dim=-1)
+    sizes = size_embedding(numbers.float()).to(pooled.dtype)  # (B, 6 · 256)
+    return {"context": context, "y": torch.cat([pooled, sizes], dim=-1)}
+
+
 class StableDiffusionXL(StableDiffusion):
     """SDXL base or refiner (`config.text_encoder` "sdxl" / "sdxl-refiner"): the pipeline of SD
     with two text encoders and conditioning {"context", "y"}. Everything else (sampling, the
@@ -110,14 +136,10 @@ class StableDiffusionXL(StableDiffusion):
                 for t, (context, pooled) in zip(tokens[len(texts):], encoded)]
 
     def _big_g(self, ids):
-        """ids (B, 77) -> (bigG's state after 31 of 32 blocks as it is, pooled text)."""
-        states = self.text_encoder_2.hidden_states(ids)  # all 32 blocks, for the pooled text
-        return states[-2], self.text_encoder_2.pooled(states[-1], ids)
+        return big_g(self.text_encoder_2, ids)
 
     def _clip_l(self, ids):
-        """ids (B, 77) -> CLIP-L's state after 11 of 12 blocks, without the final norm."""
-        layers = self.text_encoder.cfg.layers - 1  # the last block is never used
-        return self.text_encoder.hidden_states(ids, layers)[-1]
+        return clip_l(self.text_encoder, ids)
 
     def encode_prompt(self, prompt, negative_prompt="", *, num_images=1, image_size=None,
                       original_size=None, crops_coords_top_left=(0, 0), target_size=None,

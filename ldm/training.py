@@ -29,6 +29,7 @@ from einops import rearrange
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ldm import sdxl
 from ldm.images import to_pil
 from ldm.lora_training import LoRANetwork
 from ldm.models.vae import DiagonalGaussian
@@ -97,9 +98,16 @@ class EMA:
 
 
 class DiffusionObjective(nn.Module):
-    """latents z₀ (B, 4, h, w), ids (B, 77), t (B,), noise ε (B, 4, h, w) -> scalar MSE of the
-    U-Net's prediction: of ε, or for `prediction` "v" (SD 2 768-v) of
-    v = √ᾱ_t ε − √(1 − ᾱ_t) z₀ (Salimans & Ho 2022)."""
+    """latents z₀ (B, 4, h, w), text, t (B,), noise ε (B, 4, h, w) -> scalar MSE of the U-Net's
+    prediction: of ε, or for `prediction` "v" (SD 2 768-v) of v = √ᾱ_t ε − √(1 − ᾱ_t) z₀
+    (Salimans & Ho 2022).
+
+    What depends on the model's kind is two functions: `text_inputs(pipe, captions, sizes)`,
+    the tokens the Trainer makes of a micro-batch's captions (no gradients: CPU work), and
+    `conditioning(text)`, the dict the U-Net takes, built here, in the forward pass, because
+    the text encoders may be trained (and DDP must see them as submodules). For SD 1.x/2.x the
+    text is the ids (B, 77) and the dict {"context": text_encoder(ids)}; `SDXLObjective` is
+    SDXL's. `diffusion_objective(pipe)` picks the kind."""
 
     def __init__(self, text_encoder, unet, alphas_cumprod, prediction="eps"):
         super().__init__()
@@ -107,14 +115,58 @@ class DiffusionObjective(nn.Module):
         self.alphas_cumprod = alphas_cumprod  # float64 (T,); not a buffer, DDP need not sync it
         self.prediction = prediction
 
-    def forward(self, latents, ids, t, noise):
+    @staticmethod
+    def text_inputs(pipe, captions, sizes):
+        """B captions -> ids (B, 77) (longer captions truncated). sizes: unused here."""
+        return pipe.tokenizer(captions)
+
+    def conditioning(self, ids):
+        return {"context": self.text_encoder(ids)}  # the conditioning dict, as when sampling
+
+    def forward(self, latents, text, t, noise):
         alpha_bar = self.alphas_cumprod.to(t.device)[t].to(latents.dtype)[:, None, None, None]
         noisy = alpha_bar.sqrt() * latents + (1.0 - alpha_bar).sqrt() * noise  # (B, 4, h, w)
-        cond = {"context": self.text_encoder(ids)}  # the conditioning dict, as when sampling
+        cond = self.conditioning(text)
         target = noise
         if self.prediction == "v":
             target = alpha_bar.sqrt() * noise - (1.0 - alpha_bar).sqrt() * latents
         return F.mse_loss(self.unet(noisy, t, **cond), target)
+
+
+class SDXLObjective(DiffusionObjective):
+    """SDXL base's objective: text = (CLIP-L ids (B, 77), bigG ids (B, 77), numbers (B, 6)),
+    the conditioning `sdxl.conditioning`'s {"context": (B, 77, 2048), "y": (B, 2816)}: what
+    `encode_prompt` builds for the caption, with the image's own sizes (micro-conditioning).
+    One 77-token chunk per caption: longer captions are truncated, as kohya and diffusers'
+    SDXL trainers do by default."""
+
+    def __init__(self, pipe):
+        super().__init__(pipe.text_encoder, pipe.unet, pipe.alphas_cumprod, pipe.config.prediction)
+        self.text_encoder_2 = pipe.text_encoder_2
+
+    @staticmethod
+    def text_inputs(pipe, captions, sizes):
+        """B captions, sizes [(original (h, w), crop (top, left), target (h, w))] × B ->
+        (ids (B, 77), ids_2 (B, 77), numbers (B, 6) float32)."""
+        numbers = torch.tensor([[*original, *crop, *target] for original, crop, target in sizes],
+                               dtype=torch.float32)
+        return pipe.tokenizer(captions), pipe.tokenizer_2(captions), numbers
+
+    def conditioning(self, text):
+        return sdxl.conditioning(self.text_encoder, self.text_encoder_2, *text)
+
+
+def objective_kind(pipe):
+    """The DiffusionObjective class of `pipe`'s kind (SDXL base, or SD 1.x/2.x)."""
+    return SDXLObjective if isinstance(pipe, sdxl.StableDiffusionXL) else DiffusionObjective
+
+
+def diffusion_objective(pipe):
+    """The objective that trains `pipe`'s U-Net (and text encoders, where they are trained)."""
+    if objective_kind(pipe) is SDXLObjective:
+        return SDXLObjective(pipe)
+    return DiffusionObjective(pipe.text_encoder, pipe.unet, pipe.alphas_cumprod,
+                              pipe.config.prediction)
 
 
 
@@ -227,21 +279,40 @@ class Trainer:
         t = torch.randint(0, len(pipe.alphas_cumprod), (c.batch,), generator=generator)
         noise = torch.randn(shape, generator=generator)
         posterior_noise = torch.randn(shape, generator=generator)
+        # A dropped caption is the empty one, encoded, for every kind: SD's training did so,
+        # and kohya's and diffusers' SDXL trainers do (sgm trained SDXL with the text's
+        # encoding zeroed instead, which ldm's sampler gives the base for an empty negative
+        # prompt); the sizes are kept, as kohya and diffusers keep them.
         captions = ["" if drop else text for drop, text in zip(dropped.tolist(), batch.captions)]
-        return [self._diffusion_piece(batch, p, captions, t, noise, posterior_noise)
+        sizes = self._sizes(batch, shape)
+        return [self._diffusion_piece(batch, p, captions, sizes, t, noise, posterior_noise)
                 for p in pieces]
 
     @torch.no_grad()
-    def _diffusion_piece(self, batch, piece, captions, t, noise, posterior_noise):
-        """(z₀, ids, t, ε) of one micro-batch: latents drawn from the VAE's posterior."""
+    def _diffusion_piece(self, batch, piece, captions, sizes, t, noise, posterior_noise):
+        """(z₀, text, t, ε) of one micro-batch: latents drawn from the VAE's posterior, text
+        the model kind's tokens (DiffusionObjective.text_inputs)."""
         pipe = self.state.pipe
         if getattr(batch, "latents", None) is not None:  # from a LatentCache.for_vae
             posterior = DiagonalGaussian(batch.latents[piece].to(self.device))
         else:
             posterior = pipe.vae.encode(self._on_device(batch.images[piece]))
         latents = posterior.sample(noise=posterior_noise[piece].to(self.device)) * pipe.scale_factor
-        ids = pipe.tokenizer(captions[piece]).to(self.device)
-        return latents, ids, t[piece].to(self.device), self._on_device(noise[piece])
+        text = objective_kind(pipe).text_inputs(pipe, captions[piece], sizes[piece])
+        text = text.to(self.device) if torch.is_tensor(text) else tuple(
+            x.to(self.device) for x in text)
+        return latents, text, t[piece].to(self.device), self._on_device(noise[piece])
+
+    def _sizes(self, batch, latent_shape):
+        """[(original (h, w), crop (top, left), target (h, w))] per image: SDXL's size
+        conditioning. The batch's `original_sizes` and `crop_coords` where it has them
+        (ImageFolder's), else the training size uncropped."""
+        factor = self.state.pipe.vae.config.downsampling_factor
+        target = (latent_shape[2] * factor, latent_shape[3] * factor)
+        n = latent_shape[0]
+        originals = getattr(batch, "original_sizes", None) or [target] * n
+        crops = getattr(batch, "crop_coords", None) or [(0, 0)] * n
+        return [(tuple(o), tuple(c), target) for o, c in zip(originals, crops)]
 
     def _on_device(self, x):
         return x.to(self.device).contiguous(memory_format=self.layout)
