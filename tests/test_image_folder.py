@@ -101,6 +101,28 @@ def test_exif_orientation_turns_the_picture_upright(tmp_path):
     assert torch.equal(out[0]["image"], ImageFolder(tmp_path / "ref", (60, 40))[0]["image"])
 
 
+def test_batches_know_each_images_original_size_and_crop(tmp_path):
+    """SDXL's size conditioning: ImageFolder.batch gives each image's upright (h, w) before
+    resizing and the (top, left) of its centred crop in the resized image (worked out by hand:
+    60×40 upright -> 48×32, crop from row 8; 50×90 -> 32×58 (57.6 rounded), from column 13)."""
+    stored = random_image(40, 60, seed=6).transpose(Image.Transpose.ROTATE_90)  # 60 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # upright it is 60 high, 40 wide, as random_image made it
+    stored.save(tmp_path / "turned.png", exif=exif)
+    (tmp_path / "turned.txt").write_text("turned")
+    add(tmp_path, "wide.png", random_image(90, 50, seed=7), "wide")
+    add(tmp_path, "square.png", random_image(32, 32, seed=8), "square")
+    data = ImageFolder(tmp_path, 32)
+    expected = {"turned": ((60, 40), (8, 0)), "wide": ((50, 90), (0, 13)),
+                "square": ((32, 32), (0, 0))}
+    batch = data.batch(5, torch.Generator().manual_seed(int(torch.randint(1 << 20, ()))))
+    assert [(o, c) for o, c in zip(batch.original_sizes, batch.crop_coords)] == \
+        [expected[caption] for caption in batch.captions]
+    half = data.batch(3, torch.Generator().manual_seed(0), part=slice(1, 2))
+    assert len(half.original_sizes) == len(half.crop_coords) == len(half.captions) == 1
+    assert collate([data[0]]).original_sizes is None  # a DataLoader's batches do not know
+
+
 def test_metadata_jsonl_layout(tmp_path):
     (tmp_path / "train").mkdir()
     for name in ("a.png", "b.png"):
