@@ -340,6 +340,51 @@ def test_resumed_sdxl_finetuning_is_bit_exact(mode, tmp_path):
         assert torch.equal(x["exp_avg_sq"], y["exp_avg_sq"])
 
 
+# ------------------------------------------------------------------------------ data parallel
+def _first_gradients(seed):
+    """{trained parameter's name: its gradient in the first step} of a full fine-tune with both
+    text encoders."""
+    pipe, seen = random_pipe(seed), {}
+
+    def capture(stage, step, loss, state):
+        seen.update({n: p.grad.clone() for n, p in pipe.named_parameters() if p.requires_grad})
+    finetune(pipe, dataclasses.replace(FEW_STEPS, steps=1, seed=seed % 1000), random_data,
+             train_text_encoder=True, progress=False, on_step=capture)
+    return seen
+
+
+def _data_parallel_worker(rank, world, store, out, seed):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.save(_first_gradients(seed), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_gradients_are_the_batch_gradients(tmp_path):  # ~17 s: 2 processes
+    """Two gloo processes, each with half of every batch, get the whole batch's gradients of
+    the U-Net and both text encoders: DDP reaches every trained parameter (it raises on one
+    without a gradient) through the objective's submodules and its tuple of text inputs."""
+    import torch.multiprocessing as mp
+
+    seed = fresh_seed()
+    out = tmp_path / "gradients"
+    mp.spawn(_data_parallel_worker, args=(2, tmp_path / "store", out, seed), nprocs=2)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    single = _first_gradients(seed)
+    assert ranks[0].keys() == ranks[1].keys() == single.keys()
+    assert {name.split(".")[0] for name in single} == {"unet", "text_encoder", "text_encoder_2"}
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in single), "ranks disagree"
+    names = sorted(single)
+    flat = [torch.cat([g[k].flatten() for k in names]) for g in (ranks[0], single)]
+    error = rel_error(*flat)
+    print(f"2 processes vs 1: gradients {error:.2e}")
+    assert error <= TOLERANCE and flat[1].norm() > 0
+
+
 # ------------------------------------------------------------------------------ what is refused
 def test_the_refiner_is_refused_by_name():
     refiner = dataclasses.replace(LAYOUT, text=None, text_encoder="sdxl-refiner",
@@ -370,3 +415,21 @@ def test_command_line_trains_an_sdxl_lora_on_a_folder(folder, tmp_path):
     loaded = ldm.load(init).load_lora(out)
     assert {t.network for t in loaded.targets} == {"unet", "text_encoder", "text_encoder_2"}
 
+
+def test_command_line_fine_tunes_all_of_sdxl_from_cached_latents(folder, tmp_path):
+    """--train-text-encoder --cache-latents without --lora-rank: the exported file loads as
+    SDXL, with a trained U-Net and text encoders and the VAE as it was."""
+    init = tmp_path / "small-sdxl.safetensors"
+    ldm.save(random_pipe(fresh_seed()), init)
+    out = tmp_path / "xl-full.safetensors"
+    train.main(["--init", str(init), "--data", str(folder), "--resolution", "32",
+                "--cache-latents", str(tmp_path / "cache"), "--train-text-encoder",
+                "--steps", "2", "--batch", "2", "--lr", "1e-3", "--dtype", "float32",
+                "--out", str(out), "--threads", "1"])
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
+    before, after = ldm.load(init), ldm.load(out)
+    assert isinstance(after, StableDiffusionXL) and after.config == before.config
+    a, b = weights(before), weights(after)
+    assert a.keys() == b.keys()
+    changed = {name.split(".")[0] for name in a if not torch.equal(a[name], b[name])}
+    assert changed == {"unet", "text_encoder", "text_encoder_2"}
