@@ -4,7 +4,9 @@ step (gradient accumulation, autocast, clipping, DDP), gradient checkpointing, s
 progress bar.
 
 The objective is Stable Diffusion's: ε-prediction (or v for SD 2's 768-v models)
-    loss = ‖ε − ε_θ(x_t, t, text(c))‖²,  x_t = √ᾱ_t z₀ + √(1 − ᾱ_t) ε,  t ~ U{0, …, 999}.
+    loss = ‖ε − ε_θ(x_t, t, text(c))‖²,  x_t = √ᾱ_t z₀ + √(1 − ᾱ_t) ε,  t ~ U{0, …, 999},
+with text(c) the conditioning sampling builds for caption c: SD's context, SDXL's context and
+y (pooled text and the image's sizes, `SDXLObjective`).
 Each step's data and noise come from a generator seeded by (seed, step) alone, so a run resumed
 from a checkpoint continues exactly as if never stopped.
 
@@ -141,6 +143,8 @@ class SDXLObjective(DiffusionObjective):
     SDXL trainers do by default."""
 
     def __init__(self, pipe):
+        if pipe.is_refiner:  # its y holds an aesthetic score, and it has no CLIP-L
+            raise ValueError("SDXLObjective trains the SDXL base, not the refiner")
         super().__init__(pipe.text_encoder, pipe.unet, pipe.alphas_cumprod, pipe.config.prediction)
         self.text_encoder_2 = pipe.text_encoder_2
 
@@ -279,8 +283,8 @@ class Trainer:
         t = torch.randint(0, len(pipe.alphas_cumprod), (c.batch,), generator=generator)
         noise = torch.randn(shape, generator=generator)
         posterior_noise = torch.randn(shape, generator=generator)
-        # A dropped caption is the empty one, encoded, for every kind: SD's training did so,
-        # and kohya's and diffusers' SDXL trainers do (sgm trained SDXL with the text's
+        # A dropped caption is the empty one, encoded, for every kind: ldm's SD training did
+        # so, and kohya's and diffusers' SDXL trainers do (sgm trained SDXL with the text's
         # encoding zeroed instead, which ldm's sampler gives the base for an empty negative
         # prompt); the sizes are kept, as kohya and diffusers keep them.
         captions = ["" if drop else text for drop, text in zip(dropped.tolist(), batch.captions)]

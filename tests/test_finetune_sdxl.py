@@ -394,6 +394,8 @@ def test_the_refiner_is_refused_by_name():
         pipe = StableDiffusionXL(refiner)
     with pytest.raises(ValueError, match="SDXL refiner"):
         finetune(pipe, FEW_STEPS, random_data, progress=False)
+    with pytest.raises(ValueError, match="not the refiner"):
+        training.diffusion_objective(pipe)
 
 
 # ------------------------------------------------------------------------------ command line
