@@ -173,7 +173,6 @@ def diffusion_objective(pipe):
                               pipe.config.prediction)
 
 
-
 @dataclass
 class TrainingState:
     """Everything a checkpoint holds: the model, the U-Net's EMA (None when fine-tuning without
