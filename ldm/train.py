@@ -28,8 +28,6 @@ as `model_ema.*` (so `ldm.load` reads them, EMA by default), plus "global_step" 
 Fine-tuning from a checkpoint (`python -m ldm.train --init FILE`, the same command line) is
 `ldm.finetune`.
 """
-
-
 import argparse
 import copy
 import dataclasses
@@ -48,13 +46,12 @@ from ldm import checkpoint, finetune
 from ldm.data import shapes
 from ldm.loader import load
 from ldm.lora_training import DEFAULT_TARGETS
+from ldm.pipeline import StableDiffusion
 from ldm.training import (EMA, PRECISIONS, DiffusionObjective, TrainConfig, Trainer,
                           TrainingState, disable_gradient_checkpointing,
                           enable_gradient_checkpointing, rank_and_world, sample_every)
-from ldm.pipeline import StableDiffusion
 
 log = logging.getLogger(__name__)
-
 
 
 # What `--preset` trains: the architecture and the data (TrainConfig's defaults are its settings).
@@ -78,13 +75,11 @@ class AutoencoderObjective(nn.Module):
         return reconstruction + self.kl_weight * kl
 
 
-
 def new_state(model_config, train_config):
     with torch.random.fork_rng():  # the initial weights depend on the seed alone
         torch.manual_seed(train_config.seed)
         pipe = StableDiffusion(model_config)
     return TrainingState(pipe, EMA(pipe.unet, train_config.ema_decay))
-
 
 
 def train(model_config, train_config, data, checkpoint_path=None, progress=True,
@@ -120,7 +115,6 @@ def train(model_config, train_config, data, checkpoint_path=None, progress=True,
     finally:
         disable_gradient_checkpointing(state.pipe)
     return state
-
 
 
 def _train_autoencoder(trainer):
@@ -159,10 +153,8 @@ def measure_scale_factor(vae, data, latent_std=1.0, num_images=256, seed=1234):
     return latent_std / z.std().item()
 
 
-
 def _channels_last(x):
     return x.contiguous(memory_format=torch.channels_last)
-
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -218,7 +210,6 @@ def export(state, path, dtype=torch.float16):
     for module in networks.values():
         module.to(dtype=dtype, memory_format=torch.contiguous_format)
     checkpoint.save_checkpoint(path, networks, state.pipe.config.to_json(), overwrite=True)
-
 
 
 # -- command line -------------------------------------------------------------------------------

@@ -98,7 +98,6 @@ class EMA:
             self.shadow[name].lerp_(value.detach(), 1.0 - decay)
 
 
-
 class DiffusionObjective(nn.Module):
     """latents z₀ (B, 4, h, w), text, t (B,), noise ε (B, 4, h, w) -> scalar MSE of the U-Net's
     prediction: of ε, or for `prediction` "v" (SD 2 768-v) of v = √ᾱ_t ε − √(1 − ᾱ_t) z₀
@@ -184,7 +183,6 @@ class TrainingState:
     optimizer_stage: str | None = None
     network: LoRANetwork | None = None
     scaler_state: dict | None = None  # fp16's GradScaler
-
 
 
 class Trainer:
@@ -355,11 +353,9 @@ def optimization_step(model, optimizer, params, micro_batches, *, grad_clip, pre
     return torch.stack(losses).mean().item()
 
 
-
 def _autocast(precision, device_type):
     dtype = PRECISIONS[precision]
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype)
-
 
 
 def lr_factor(step, total, warmup, min_ratio):
@@ -371,13 +367,11 @@ def lr_factor(step, total, warmup, min_ratio):
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-
 def rank_and_world():
     """(rank, world size): (0, 1) unless torch.distributed is initialised."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
 
 
 # -- gradient checkpointing ---------------------------------------------------------------------
@@ -415,7 +409,6 @@ def _checkpointed_forward(self, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
-
 # -- samples during training --------------------------------------------------------------------
 
 def sample_grid(pipe, prompts, *, seed=0, columns=None):
@@ -448,7 +441,6 @@ def sample_every(every, prompts, folder, *, seed=0):
             folder.mkdir(parents=True, exist_ok=True)
             sample_grid(state.pipe, prompts, seed=seed).save(folder / f"step-{step:06d}.png")
     return on_step
-
 
 
 # -- progress -----------------------------------------------------------------------------------
