@@ -136,3 +136,25 @@ def random_tensor(name, shape, dtype, g):
     if len(shape) == 1 and "norm" in name and name.endswith("weight"):
         return 1.0 + 0.1 * noise
     return 0.1 * noise
+
+
+def in_processes(fn, world, folder, *args):
+    """[fn(*args) as each of `world` gloo processes computes it, rank by rank]: what a
+    data-parallel test compares with one process. `fn` is a module-level function (the child
+    processes import it) returning tensors or dicts of them; `folder` a fresh directory."""
+    import torch.multiprocessing as mp
+
+    out = Path(folder) / "result"
+    mp.spawn(_gloo_worker, args=(world, Path(folder) / "store", out, fn, args), nprocs=world)
+    return [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(world)]
+
+
+def _gloo_worker(rank, world, store, out, fn, args):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.save(fn(*args), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()

@@ -25,7 +25,7 @@ from ldm.models.open_clip_text import OpenCLIPTextConfig
 from ldm.sdxl import StableDiffusionXL
 from ldm.tokenizer import CLIPTokenizer
 
-from helpers import randomize_, rel_error
+from helpers import in_processes, randomize_, rel_error
 
 TOLERANCE = 1e-5
 CLIP_WIDTH, BIGG_WIDTH = 32, 48
@@ -353,27 +353,12 @@ def _first_gradients(seed):
     return seen
 
 
-def _data_parallel_worker(rank, world, store, out, seed):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        torch.save(_first_gradients(seed), f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
-
-
 def test_data_parallel_gradients_are_the_batch_gradients(tmp_path):  # ~17 s: 2 processes
     """Two gloo processes, each with half of every batch, get the whole batch's gradients of
     the U-Net and both text encoders: DDP reaches every trained parameter (it raises on one
     without a gradient) through the objective's submodules and its tuple of text inputs."""
-    import torch.multiprocessing as mp
-
     seed = fresh_seed()
-    out = tmp_path / "gradients"
-    mp.spawn(_data_parallel_worker, args=(2, tmp_path / "store", out, seed), nprocs=2)
-    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    ranks = in_processes(_first_gradients, 2, tmp_path, seed)
     single = _first_gradients(seed)
     assert ranks[0].keys() == ranks[1].keys() == single.keys()
     assert {name.split(".")[0] for name in single} == {"unet", "text_encoder", "text_encoder_2"}

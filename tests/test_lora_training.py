@@ -25,7 +25,7 @@ from ldm.lora_training import LoRAConfig, LoRANetwork, kohya_training_metadata
 from ldm.models.unet import UNetConfig
 from ldm.pipeline import StableDiffusion
 
-from helpers import TINY_SD2, randomize_, rel_error
+from helpers import TINY_SD2, in_processes, randomize_, rel_error
 
 TOLERANCE = 1e-5
 SD15_LAYOUT = dataclasses.replace(PRESETS["tiny"], unet=UNetConfig(
@@ -276,28 +276,13 @@ def _first_gradients(seed):
     return seen
 
 
-def _data_parallel_worker(rank, world, store, out, seed):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        torch.save(_first_gradients(seed), f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
-
-
 def test_data_parallel_lora_gradients_are_the_batch_gradients(tmp_path):
     """Two gloo processes, each with half of every batch, get the whole batch's adapter
     gradients: DDP averages the LoRA's (a submodule of what it wraps). (Weights after several
     steps are not compared: Adam's first update is lr·sign(g), which turns rounding noise in
     near-zero gradients into whole steps.)"""
-    import torch.multiprocessing as mp
-
     seed = fresh_seed()
-    out = tmp_path / "gradients"
-    mp.spawn(_data_parallel_worker, args=(2, tmp_path / "store", out, seed), nprocs=2)
-    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    ranks = in_processes(_first_gradients, 2, tmp_path, seed)
     single = _first_gradients(seed)
     assert ranks[0].keys() == ranks[1].keys() == single.keys()
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in single), "ranks disagree"

@@ -9,8 +9,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ldm import checkpoint, train, training
 from ldm.config import ModelConfig
@@ -23,6 +21,8 @@ from ldm.pipeline import StableDiffusion
 from ldm.models.clip_text import CLIPTextConfig
 from ldm.models.unet import UNetConfig
 from ldm.models.vae import VAEConfig
+
+from helpers import in_processes, randomize_
 
 # Every block type of the real model, at the smallest widths that still run.
 MICRO = ModelConfig(
@@ -152,22 +152,14 @@ def test_export_is_ema_only_in_half_precision(tmp_path):
         assert torch.equal(value, state.ema.shadow[name].half().float())
 
 
-def _data_parallel_worker(rank, world, store, out):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        state = train.train(MICRO, FEW_STEPS, shapes.training_batch, progress=False)
-        torch.save(_weights(state), f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _trained_weights():
+    return _weights(train.train(MICRO, FEW_STEPS, shapes.training_batch, progress=False))
 
 
 def test_data_parallel_training_matches_one_process(tmp_path):
     """Two gloo processes, each with half of every batch, end where one process does."""
-    out = tmp_path / "weights"
-    mp.spawn(_data_parallel_worker, args=(2, tmp_path / "store", out), nprocs=2)
-    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
-    single = _weights(train.train(MICRO, FEW_STEPS, shapes.training_batch, progress=False))
+    ranks = in_processes(_trained_weights, 2, tmp_path)
+    single = _trained_weights()
     for name, value in single.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks disagree on {name}"
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=name)
@@ -197,7 +189,6 @@ def test_shipped_model_draws_what_it_is_told():
 def _first_gradients(config, lora=None, seed=0, **kwargs):
     """The gradients `finetune` computes in its first step ({name: grad}), on MICRO with random
     weights (clipping off: grad_clip = inf multiplies by exactly 1)."""
-    from helpers import randomize_
 
     pipe = randomize_(StableDiffusion(MICRO), seed)
     seen = {}
@@ -316,7 +307,6 @@ def test_finetuning_ema_is_litema_of_the_steps():
     """finetune(ema=True) ends with the U-Net holding the EMA of its weights after each step,
     LitEma's: shadow ← shadow + (1 − d_n)(w_n − shadow), d_n = min(decay, (1 + n)/(10 + n)),
     starting from the loaded weights; the text encoder keeps its trained weights."""
-    from helpers import randomize_
 
     seed = int(torch.randint(1 << 30, ()))
     pipe = randomize_(StableDiffusion(MICRO), seed)
