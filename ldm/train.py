@@ -47,8 +47,8 @@ from ldm.data import shapes
 from ldm.loader import load
 from ldm.lora_training import DEFAULT_TARGETS
 from ldm.pipeline import StableDiffusion
-from ldm.training import (EMA, PRECISIONS, DiffusionObjective, TrainConfig, Trainer,
-                          TrainingState, disable_gradient_checkpointing,
+from ldm.training import (EMA, PRECISIONS, TrainConfig, Trainer, TrainingState,
+                          diffusion_objective, disable_gradient_checkpointing,
                           enable_gradient_checkpointing, rank_and_world, sample_every)
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def _train_diffusion(trainer):
     c, state = trainer.config, trainer.state
     pipe = state.pipe
     pipe.vae.eval().requires_grad_(False)
-    objective = DiffusionObjective(pipe.text_encoder, pipe.unet, pipe.alphas_cumprod)
+    objective = diffusion_objective(pipe)  # as fine-tuning builds it
     params = [*pipe.text_encoder.parameters(), *pipe.unet.parameters()]
     trainer.run("diffusion", objective, params, c.lr, c.vae_steps, c.total_steps,
                 trainer.diffusion_inputs, after_step=lambda: state.ema.update(pipe.unet))
