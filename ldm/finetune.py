@@ -78,7 +78,7 @@ def finetune(pipe, config, data, *, lora=None, train_text_encoder=False, ema=Fal
         enable_gradient_checkpointing(pipe)
     save = None if state_dir is None else lambda: save_finetune_state(state_dir, state, settings)
     trainer = Trainer(state, config, data, save, progress, on_step, finetuning=True)
-    objective = diffusion_objective(pipe)
+    objective = diffusion_objective(pipe, config.min_snr_gamma)
     if network is not None:
         objective.lora = network  # a submodule, so that DDP averages its gradients
     after_step = None if state.ema is None else lambda: state.ema.update(pipe.unet)

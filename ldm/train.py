@@ -131,7 +131,7 @@ def _train_diffusion(trainer):
     c, state = trainer.config, trainer.state
     pipe = state.pipe
     pipe.vae.eval().requires_grad_(False)
-    objective = diffusion_objective(pipe)  # as fine-tuning builds it
+    objective = diffusion_objective(pipe, c.min_snr_gamma)  # as fine-tuning builds it
     params = [*pipe.text_encoder.parameters(), *pipe.unet.parameters()]
     trainer.run("diffusion", objective, params, c.lr, c.vae_steps, c.total_steps,
                 trainer.diffusion_inputs, after_step=lambda: state.ema.update(pipe.unet))
@@ -285,6 +285,8 @@ def _parse_args(argv):
             t.add_argument(flag, action="store_true", default=None)
         elif field.name == "precision":
             t.add_argument(flag, choices=sorted(PRECISIONS))
+        elif field.name == "min_snr_gamma":
+            t.add_argument(flag, type=float, metavar="GAMMA")
         else:
             t.add_argument(flag, type=field.type)
     p.add_argument("--device", help="cpu or cuda (default: cuda if there is one); under "

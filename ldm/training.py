@@ -6,7 +6,11 @@ progress bar.
 The objective is Stable Diffusion's: ε-prediction (or v for SD 2's 768-v models)
     loss = ‖ε − ε_θ(x_t, t, text(c))‖²,  x_t = √ᾱ_t z₀ + √(1 − ᾱ_t) ε,  t ~ U{0, …, 999},
 with text(c) the conditioning sampling builds for caption c: SD's context, SDXL's context and
-y (pooled text and the image's sizes, `SDXLObjective`).
+y (pooled text and the image's sizes, `SDXLObjective`). Optionally each sample's loss is
+weighted by Min-SNR-γ (Hang et al. 2023, arXiv:2303.09556; kohya's `--min_snr_gamma`,
+diffusers' `--snr_gamma`): min(SNR_t, γ) / SNR_t for ε (/ (SNR_t + 1) for v), SNR_t =
+ᾱ_t / (1 − ᾱ_t), which caps the weight of the low-noise steps, where ε-MSE is largest in
+x₀ terms, and the steps' gradients conflict least.
 Each step's data and noise come from a generator seeded by (seed, step) alone, so a run resumed
 from a checkpoint continues exactly as if never stopped.
 
@@ -54,6 +58,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     uncond_prob: float = 0.1
+    min_snr_gamma: float | None = None  # Min-SNR-γ loss weights (γ = 5 in the paper); None: SD's
     ema_decay: float = 0.999
     seed: int = 0
     checkpoint_every: int = 500
@@ -68,6 +73,8 @@ class TrainConfig:
         if isinstance(self.grad_accum, bool) or not isinstance(self.grad_accum, int) \
                 or self.grad_accum < 1:
             raise ValueError(f"grad_accum must be a positive int, got {self.grad_accum!r}")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0 (or None), got {self.min_snr_gamma!r}")
 
     @property
     def total_steps(self):
@@ -101,7 +108,7 @@ class EMA:
 class DiffusionObjective(nn.Module):
     """latents z₀ (B, 4, h, w), text, t (B,), noise ε (B, 4, h, w) -> scalar MSE of the U-Net's
     prediction: of ε, or for `prediction` "v" (SD 2 768-v) of v = √ᾱ_t ε − √(1 − ᾱ_t) z₀
-    (Salimans & Ho 2022).
+    (Salimans & Ho 2022); with `min_snr_gamma`, each sample's MSE weighted by Min-SNR-γ.
 
     What depends on the model's kind is two functions: `text_inputs(pipe, captions, sizes)`,
     the tokens the Trainer makes of a micro-batch's captions (no gradients: CPU work), and
@@ -110,11 +117,11 @@ class DiffusionObjective(nn.Module):
     text is the ids (B, 77) and the dict {"context": text_encoder(ids)}; `SDXLObjective` is
     SDXL's. `diffusion_objective(pipe)` picks the kind."""
 
-    def __init__(self, text_encoder, unet, alphas_cumprod, prediction="eps"):
+    def __init__(self, text_encoder, unet, alphas_cumprod, prediction="eps", min_snr_gamma=None):
         super().__init__()
         self.text_encoder, self.unet = text_encoder, unet
         self.alphas_cumprod = alphas_cumprod  # float64 (T,); not a buffer, DDP need not sync it
-        self.prediction = prediction
+        self.prediction, self.min_snr_gamma = prediction, min_snr_gamma
 
     @staticmethod
     def text_inputs(pipe, captions, sizes):
@@ -131,7 +138,17 @@ class DiffusionObjective(nn.Module):
         target = noise
         if self.prediction == "v":
             target = alpha_bar.sqrt() * noise - (1.0 - alpha_bar).sqrt() * latents
-        return F.mse_loss(self.unet(noisy, t, **cond), target)
+        prediction = self.unet(noisy, t, **cond)
+        if self.min_snr_gamma is None:
+            return F.mse_loss(prediction, target)
+        return (self.min_snr_weights(t) * (prediction - target).pow(2).mean(dim=(1, 2, 3))).mean()
+
+    def min_snr_weights(self, t):
+        """t (B,) -> the Min-SNR-γ weights (B,) float32 of the module docstring."""
+        alpha_bar = self.alphas_cumprod.to(t.device)[t]           # float64
+        snr = alpha_bar / (1.0 - alpha_bar)
+        capped = snr.clamp(max=self.min_snr_gamma)
+        return (capped / (snr + 1.0 if self.prediction == "v" else snr)).float()
 
 
 class SDXLObjective(DiffusionObjective):
@@ -141,10 +158,11 @@ class SDXLObjective(DiffusionObjective):
     One 77-token chunk per caption: longer captions are truncated, as kohya and diffusers'
     SDXL trainers do by default."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, min_snr_gamma=None):
         if pipe.is_refiner:  # its y holds an aesthetic score, and it has no CLIP-L
             raise ValueError("SDXLObjective trains the SDXL base, not the refiner")
-        super().__init__(pipe.text_encoder, pipe.unet, pipe.alphas_cumprod, pipe.config.prediction)
+        super().__init__(pipe.text_encoder, pipe.unet, pipe.alphas_cumprod, pipe.config.prediction,
+                         min_snr_gamma)
         self.text_encoder_2 = pipe.text_encoder_2
 
     @staticmethod
@@ -164,12 +182,12 @@ def objective_kind(pipe):
     return SDXLObjective if isinstance(pipe, sdxl.StableDiffusionXL) else DiffusionObjective
 
 
-def diffusion_objective(pipe):
+def diffusion_objective(pipe, min_snr_gamma=None):
     """The objective that trains `pipe`'s U-Net (and text encoders, where they are trained)."""
     if objective_kind(pipe) is SDXLObjective:
-        return SDXLObjective(pipe)
+        return SDXLObjective(pipe, min_snr_gamma)
     return DiffusionObjective(pipe.text_encoder, pipe.unet, pipe.alphas_cumprod,
-                              pipe.config.prediction)
+                              pipe.config.prediction, min_snr_gamma)
 
 
 @dataclass

@@ -303,6 +303,42 @@ def test_v_prediction_objective():
     torch.testing.assert_close(eps, ((noise - v) ** 2).mean())
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weighting_is_diffusers(prediction):
+    """min_snr_gamma weights each sample's MSE as diffusers' train_text_to_image --snr_gamma
+    does (its compute_snr on SD's scheduler, min(SNR, γ) / SNR for ε, / (SNR + 1) for v), on
+    the same U-Net output; without it the loss is the plain MSE."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+    from ldm import schedule
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    latents, noise = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)
+    t = torch.cat([torch.tensor([0, 999]), torch.randint(0, 1000, (4,), generator=g)])
+    output = torch.randn(6, 4, 8, 8, generator=g)  # the U-Net's prediction, whatever the input
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              prediction_type="epsilon" if prediction == "eps" else "v_prediction")
+    alpha_bar = scheduler.alphas_cumprod[t][:, None, None, None]
+    target = noise if prediction == "eps" else alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    per_sample = ((output - target) ** 2).mean(dim=(1, 2, 3))
+    snr = compute_snr(scheduler, t)
+    weights = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    weights = weights / (snr if prediction == "eps" else snr + 1)
+    reference = (per_sample * weights).mean()
+
+    def loss(gamma):
+        return training.DiffusionObjective(lambda ids: torch.zeros(6, 77, 8),
+                                           lambda x, t, context: output, schedule.alphas_cumprod(),
+                                           prediction, min_snr_gamma=gamma)(latents, None, t, noise)
+    error = ((loss(5.0) - reference).abs() / reference).item()
+    print(f"{prediction}: Min-SNR-5 loss vs diffusers {error:.2e}; weights "
+          f"{weights.min():.3f}..{weights.max():.3f}")
+    assert error <= 1e-6
+    assert weights.min() < 0.1 and (loss(5.0) - loss(None)).abs() > 1e-3 * reference
+    torch.testing.assert_close(loss(None), per_sample.mean())
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        training.TrainConfig(min_snr_gamma=0.0)
+
+
 def test_finetuning_ema_is_litema_of_the_steps():
     """finetune(ema=True) ends with the U-Net holding the EMA of its weights after each step,
     LitEma's: shadow ← shadow + (1 − d_n)(w_n − shadow), d_n = min(decay, (1 + n)/(10 + n)),
