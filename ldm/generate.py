@@ -15,6 +15,12 @@ line's defaults, the model's own (config.sampling, image_size) theirs. A line th
 object, an unknown key, or a value of the wrong type or range is a ValueError naming the file,
 the line and the key, raised before the model loads.
 
+LoRAs: A1111's `<lora:name:m>` tags in a prompt merge the LoRA file `name` of --lora-dir
+(`lora_dir=`) while that prompt's images are made (ldm.lora.tags_applied), as txt2img does.
+Images whose prompts name the same LoRAs at the same multipliers are batched together; the
+record gives each LoRA's A1111 hash ("lora_hashes"), so a LoRA file changed between two runs is
+a changed setting, not a skipped image. Every tag's file is found before the first image.
+
 Seeds: image i of prompt k (both from 0; k counts prompts, not lines) takes seed
     base + k · N + i            base = --seed (default 0), N = --num-images (default 1),
 or s + i when its line gives its own "seed" s. An image's seed depends on nothing else: not the
@@ -45,7 +51,7 @@ cpu_count / LOCAL_WORLD_SIZE threads.
 
 Manifest: a record per image, {"file", "prompt", "negative_prompt", "seed", "prompt_index",
 "image", "line", "steps", "sampler", "schedule", "cfg_scale", "eta", "height", "width",
-"model", "model_sha256"}. Each process appends the records of the images it writes to
+"lora_hashes", "model", "model_sha256"} (the prompt as written, tags included). Each process appends the records of the images it writes to
 DIR/manifest-rank{r}.jsonl (with "rank", "world_size", "device", "dtype", "time"); a process
 that finds every image of the plan present writes DIR/manifest.jsonl, all records in prompt
 order, through a temporary file (several processes finishing together write the same bytes).
@@ -69,7 +75,7 @@ from ldm.checkpoint import CheckpointError
 from ldm.outputs import remove_stale_temporaries, write_png
 from ldm.config import PRESETS
 from ldm.loader import DEFAULT_CHECKPOINT, load
-from ldm.lora import LORA_TAG
+from ldm import lora
 from ldm.samplers.registry import sampler_names
 
 log = logging.getLogger(__name__)
@@ -126,7 +132,7 @@ def to_prompt(item, where, line=0):
     """A Prompt from a string or a {"prompt": …, setting: value, …} dict, every key and value
     checked (ValueError or TypeError naming `where` and the key)."""
     if isinstance(item, str):
-        return Prompt(_without_lora_tags(item, where), {}, line, where)
+        return Prompt(item, {}, line, where)
     if not isinstance(item, dict):
         raise TypeError(f"{where}: a prompt is a string or an object with a \"prompt\", got "
                         f"{type(item).__name__}")
@@ -140,17 +146,7 @@ def to_prompt(item, where, line=0):
         raise ValueError(f"{where}: {problem} \"prompt\"")
     options = {key: check_option(key, value, f"{where}: {key}")
                for key, value in item.items() if key != "prompt" and value is not None}
-    return Prompt(_without_lora_tags(item["prompt"], where), options, line, where)
-
-
-def _without_lora_tags(text, where):
-    """`text`, refused if it holds an A1111 `<lora:…>` tag: the pipeline would merge the LoRA,
-    but this command has no --lora-dir, and one batch takes several prompts."""
-    if LORA_TAG.search(text):
-        raise ValueError(f"{where}: <lora:…> tags are not read by ldm generate yet: merge the "
-                         "LoRA into the checkpoint, or generate with python -m ldm txt2img "
-                         "--lora-dir")
-    return text
+    return Prompt(item["prompt"], options, line, where)
 
 
 def _json_line(line, where):
@@ -199,6 +195,7 @@ class Job:
     negative_prompt: str
     seed: int
     settings: tuple  # ((name, value), …): steps, sampler, schedule, cfg_scale, eta, height, width
+    loras: tuple = ()  # (LoRATag, A1111 hash) of each <lora:…> tag of the prompt, sorted
 
     @property
     def file(self):
@@ -208,14 +205,16 @@ class Job:
         """What makes this image, as the manifest and its PNG hold it."""
         return {"file": self.file, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
                 "seed": self.seed, "prompt_index": self.prompt_index, "image": self.image,
-                "line": self.line, **dict(self.settings), "model": model,
-                "model_sha256": model_sha256}
+                "line": self.line, **dict(self.settings),
+                "lora_hashes": ", ".join(f"{tag.name}: {h}" for tag, h in self.loras) or None,
+                "model": model, "model_sha256": model_sha256}
 
 
-def plan(pipe, prompts, *, seed=0, num_images=1, **defaults):
+def plan(pipe, prompts, *, seed=0, num_images=1, lora_dir=None, **defaults):
     """Every image of `prompts` (Prompt list), in prompt order, each with its seed and its
-    settings resolved: the prompt's own, else `defaults` (LINE_KEYS), else the model's."""
-    jobs = []
+    settings resolved: the prompt's own, else `defaults` (LINE_KEYS), else the model's; and the
+    LoRA files its `<lora:…>` tags name in `lora_dir`, found and hashed."""
+    jobs, hashes = [], {}
     for k, prompt in enumerate(prompts):
         options = {**{key: v for key, v in defaults.items() if v is not None}, **prompt.options}
         count = options.pop("num_images", num_images)
@@ -232,9 +231,32 @@ def plan(pipe, prompts, *, seed=0, num_images=1, **defaults):
                              "2**64 - 1")
         negative = options.pop("negative_prompt", "")
         settings = tuple(_settings(pipe, options, prompt.where).items())
-        jobs += [Job(k, i, prompt.line, prompt.text, negative, first + i, settings)
+        loras = _loras(prompt, negative, lora_dir, hashes)
+        jobs += [Job(k, i, prompt.line, prompt.text, negative, first + i, settings, loras)
                  for i in range(count)]
     return jobs
+
+
+def _loras(prompt, negative, lora_dir, hashes):
+    """((LoRATag, hash), …) of the prompt's `<lora:…>` tags, sorted; `hashes` caches the
+    hash of each file (path -> hash) across prompts."""
+    if lora.LORA_TAG.search(negative):
+        raise ValueError(f"{prompt.where}: negative_prompt: <lora:…> tags are read in the "
+                         "prompt only (as A1111)")
+    try:
+        _, tags = lora.prompt_loras(prompt.text)
+        if tags and lora_dir is None:
+            raise ValueError(f"<lora:…> tags name {', '.join(t.name for t in tags)}: give the "
+                             "folder of LoRA files (--lora-dir, lora_dir=)")
+        paths = [lora.find_lora(tag.name, lora_dir) for tag in tags]
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"{prompt.where}: {e}") from e
+    for path in paths:
+        if path not in hashes:
+            hashes[path] = lora.file_hash(path)
+    pairs = [(tag, hashes[path]) for tag, path in zip(tags, paths)]
+    return tuple(sorted(pairs, key=lambda pair: (pair[0].name, pair[0].text_multiplier,
+                                                 pair[0].multiplier)))
 
 
 def _settings(pipe, options, where):
@@ -254,12 +276,12 @@ def _settings(pipe, options, where):
 
 
 def batches(jobs, batch_size):
-    """The jobs cut into batches of at most `batch_size` sharing their settings: grouped by
-    settings in order of first appearance, each group in prompt order."""
+    """The jobs cut into batches of at most `batch_size` sharing their settings and LoRAs:
+    grouped by both in order of first appearance, each group in prompt order."""
     batch_size = arguments.check_int("batch_size", batch_size, minimum=1)
     groups = {}
     for job in jobs:
-        groups.setdefault(job.settings, []).append(job)
+        groups.setdefault((job.settings, job.loras), []).append(job)
     return [group[i:i + batch_size] for group in groups.values()
             for i in range(0, len(group), batch_size)]
 
@@ -276,7 +298,7 @@ class Summary:
 
 
 def generate(pipe, prompts, out, *, seed=0, num_images=1, batch_size=8, rank=None,
-             world_size=None, model=None, **defaults):
+             world_size=None, model=None, lora_dir=None, **defaults):
     """Make this process's share of the images of `prompts` in the folder `out`; returns a
     Summary.
 
@@ -285,7 +307,8 @@ def generate(pipe, prompts, out, *, seed=0, num_images=1, batch_size=8, rank=Non
     seed, num_images: the seed rule's base and N (module docstring). batch_size: images per
     txt2img call. rank, world_size: this process's share (default: the environment's RANK and
     WORLD_SIZE, as torchrun sets them; else 0 of 1). model: the checkpoint file, named in the
-    records with its SHA-256 (None: the pipe's own origin is not recorded). defaults: txt2img
+    records with its SHA-256 (None: the pipe's own origin is not recorded). lora_dir: the
+    folder of the LoRA files that `<lora:name:m>` tags in the prompts name. defaults: txt2img
     settings for every prompt (LINE_KEYS), each prompt's own taking precedence.
     """
     if rank is None or world_size is None:
@@ -302,7 +325,7 @@ def generate(pipe, prompts, out, *, seed=0, num_images=1, batch_size=8, rank=Non
                 if value is not None}
     seed = check_option("seed", seed, "seed")
     num_images = check_option("num_images", num_images, "num_images")
-    jobs = plan(pipe, prompts, seed=seed, num_images=num_images, **defaults)
+    jobs = plan(pipe, prompts, seed=seed, num_images=num_images, lora_dir=lora_dir, **defaults)
     model_info = _model_info(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -310,7 +333,11 @@ def generate(pipe, prompts, out, *, seed=0, num_images=1, batch_size=8, rank=Non
     mine = batches(jobs, batch_size)[rank::world_size]
     writer = _Writer(out, model_info, dict(zip(RUN_KEYS, (rank, world_size, str(pipe.device),
                                                           str(pipe.dtype)))))
-    summary = _make_batches(pipe, mine, writer)
+    before, pipe.lora_dir = pipe.lora_dir, lora_dir  # where txt2img finds the tags' files
+    try:
+        summary = _make_batches(pipe, mine, writer)
+    finally:
+        pipe.lora_dir = before
     summary.complete = writer.finish(jobs)
     return summary
 
@@ -394,7 +421,7 @@ class _Writer:
 
     def write(self, job, image):
         record = self.record(job)
-        text = {RECORD_KEY: json.dumps(record), "parameters": _a1111_parameters(record)}
+        text = {RECORD_KEY: json.dumps(record), "parameters": _a1111_parameters(record, job)}
         write_png(image, self.out / job.file, text, overwrite=True)
         row = {**record, **self.run_info, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         with open(self.manifest, "a", encoding="utf-8") as f:
@@ -415,14 +442,27 @@ class _Writer:
         return True
 
 
-def _a1111_parameters(record):
+def _a1111_parameters(record, job):
     """AUTOMATIC1111's "parameters" text, which its PNG Info and `ldm.parse_parameters` read
-    back to the settings that made the image (seeds drawn by torch's CPU generator: RNG CPU)."""
+    back to the settings that made the image (seeds drawn by torch's CPU generator: RNG CPU);
+    the prompt's LoRA tags at its end with their "Lora hashes", as A1111 writes them."""
     settings = {key: value for key, value in record.items()
                 if key in parameters.SETTINGS and value is not None}
+    settings["prompt"] = lora.prompt_loras(job.prompt)[0].strip()
+    loras = [_Hashed(tag.name, tag.multiplier, tag.text_multiplier, hash_)
+             for tag, hash_ in job.loras]
     model = ({"Model hash": record["model_sha256"][:10], "Model": record["model"]}
              if record["model"] else {})
-    return parameters.format_parameters({**settings, "rng": "cpu"}, info=model)
+    return parameters.format_parameters({**settings, "rng": "cpu"}, loras=loras, info=model)
+
+
+@dataclass(frozen=True)
+class _Hashed:
+    """A LoRA as format_parameters writes it (lora.Loaded's fields it reads)."""
+    name: str
+    multiplier: float
+    text_multiplier: float
+    hash: str
 
 
 def read_manifest(out):
@@ -477,6 +517,8 @@ def add_arguments(parser):
     add("--eta", type=float, help="DDIM noise (default 0)")
     add("--height", type=int, help="image height (default: the model's native size)")
     add("--width", type=int, help="image width (default: the model's native size)")
+    add("--lora-dir", type=Path, help="the folder of the LoRA files that <lora:name:m> tags in "
+        "the prompts name (A1111's models/Lora)")
     add("--device", help="default: cuda:LOCAL_RANK when CUDA is there, else cpu")
     add("--dtype", choices=("float32", "float16", "bfloat16"),
         help="default: float16 on CUDA, float32 on CPU")
@@ -491,9 +533,10 @@ def execute(args):
     found before the model loads where they can be)."""
     rank, world, local_rank = shard()
     for flag, path, kind in (("--prompts", args.prompts, "a file"),
-                             ("--ckpt", args.ckpt, "a file"), ("--out", args.out, "a folder")):
+                             ("--ckpt", args.ckpt, "a file"), ("--out", args.out, "a folder"),
+                             ("--lora-dir", args.lora_dir, "a folder")):
         if path is not None and (not path.is_file() if kind == "a file" else
-                                 path.exists() and not path.is_dir()):
+                                 (path.exists() or flag == "--lora-dir") and not path.is_dir()):
             raise ValueError(f"argument {flag}: {path} is not {kind}")
     prompts = read_prompts(args.prompts)
     defaults = {key: getattr(args, key) for key in LINE_KEYS
@@ -502,6 +545,12 @@ def execute(args):
         check_option(key, value, f"argument --{key.replace('_', '-')}")
     if args.batch_size < 1:
         raise ValueError(f"argument --batch-size: must be at least 1, got {args.batch_size}")
+    for prompt in prompts:  # the LoRA files the tags name, found before the load
+        negative = prompt.options.get("negative_prompt", defaults.get("negative_prompt", ""))
+        try:
+            _loras(prompt, negative, args.lora_dir, {})
+        except FileNotFoundError as e:  # a file the command line names: bad input
+            raise ValueError(str(e)) from e
     device = _device(args.device, local_rank)
     _threads(args.threads, device)
     if not args.no_progress and not log.handlers:  # a line per batch, this module's only
@@ -511,7 +560,7 @@ def execute(args):
     pipe = load(args.ckpt, device=device, dtype=dtype, config=args.config)
     summary = generate(pipe, prompts, args.out, seed=args.seed, num_images=args.num_images,
                        batch_size=args.batch_size, rank=rank, world_size=world,
-                       model=args.ckpt or DEFAULT_CHECKPOINT, **defaults)
+                       model=args.ckpt or DEFAULT_CHECKPOINT, lora_dir=args.lora_dir, **defaults)
     print(f"rank {rank}/{world}: {summary.made} images made, {summary.skipped} already there, "
           f"in {args.out} ({summary.made / max(summary.seconds, 1e-9):.2f} images/s)"
           + ("; manifest.jsonl written" if summary.complete else ""))

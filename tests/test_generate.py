@@ -11,12 +11,14 @@ threads only wait for each other) so that every run computes with the same kerne
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -203,13 +205,74 @@ def test_jsonl_lines_carry_their_own_settings(pipe, tmp_path):
     ('{"prompt": 3}', r'p.jsonl:2: needs a string as its "prompt"'),
     ('["a red circle"]', r'p.jsonl:2: a prompt is a string or an object'),
     ('{"prompt": "a",', r"p.jsonl:2: not JSON \(Expecting property name"),
-    ('{"prompt": "a <lora:ink:1>"}', r"p.jsonl:2: <lora:…> tags are not read by ldm generate"),
 ])
 def test_a_bad_line_is_named_with_its_key(tmp_path, line, message):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a red circle"}\n' + line + "\n")
     with pytest.raises((ValueError, TypeError), match=message):
         gen.read_prompts(path)
+
+
+def test_lora_tags_merge_their_lora_for_their_prompts(pipe, tmp_path):
+    """<lora:name:m> tags merge the file of lora_dir for their prompts' images only (each image
+    as txt2img makes it with the LoRA loaded), batch apart from other LoRAs and multipliers,
+    and are recorded with A1111's hash in the manifest and the PNG's parameters."""
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    shutil.copy(ROOT / "weights" / "tiny-shapes-purple-star.safetensors", lora_dir / "ps.safetensors")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    prompts = ["a purple circle <lora:ps:1>", "a red circle", "a purple <lora:ps:0.5> star",
+               "a purple square <lora:ps:1>"]
+    jobs = gen.plan(pipe, gen._prompts(prompts), lora_dir=lora_dir, **FAST)
+    assert [[job.prompt_index for job in batch] for batch in gen.batches(jobs, 8)] == [
+        [0, 3], [1], [2]]
+    gen.generate(pipe, prompts, tmp_path / "out", lora_dir=lora_dir, seed=30, **FAST)
+    assert pipe.lora_dir is None and all(torch.equal(v, before[k])
+                                         for k, v in pipe.unet.state_dict().items())
+    digest = ldm.lora.file_hash(lora_dir / "ps.safetensors")
+    rows = manifest(tmp_path / "out")
+    assert [r["lora_hashes"] for r in rows] == [f"ps: {digest}", None, f"ps: {digest}",
+                                                f"ps: {digest}"]
+    assert rows[2]["prompt"] == "a purple <lora:ps:0.5> star"
+    loaded = pipe.load_lora(lora_dir / "ps.safetensors", 0.5)
+    try:
+        alone = pipe.txt2img("a purple  star", seed=32, **FAST)[0]
+    finally:
+        pipe.unload_lora(loaded)
+    without = pipe.txt2img("a purple  star", seed=32, **FAST)[0]
+    made = pixels(tmp_path / "out" / "000002-000.png")
+    assert np.abs(made - np.asarray(alone, dtype=np.int16)).max() <= 1
+    assert np.abs(made - np.asarray(without, dtype=np.int16)).mean() > 1  # the LoRA acted
+    line = Image.open(tmp_path / "out" / "000002-000.png").info["parameters"]
+    read = ldm.parse_parameters(line)
+    assert read.kwargs["prompt"] == "a purple  star" and read.info["Lora hashes"] == f"ps: {digest}"
+    assert [(t.name, t.multiplier) for t in read.loras] == [("ps", 0.5)]
+    # another file under the same name is another setting: refused, not skipped or mixed
+    tensors = safetensors.torch.load_file(lora_dir / "ps.safetensors")
+    name = sorted(tensors)[0]
+    safetensors.torch.save_file({**tensors, name: tensors[name] * 2}, lora_dir / "ps.safetensors")
+    with pytest.raises(ValueError, match=r"000000-000.png is there but was made with other "
+                                         r"settings \(lora_hashes"):
+        gen.generate(pipe, prompts, tmp_path / "out", lora_dir=lora_dir, seed=30, **FAST)
+
+
+@pytest.mark.parametrize("prompt, lora_dir, error, message", [
+    ({"prompt": "a <lora:ink:1> circle"}, None, ValueError,
+     r"prompts\[1\]: <lora:…> tags name ink: give the folder of LoRA files \(--lora-dir"),
+    ({"prompt": "a <lora:ink:1> circle"}, "loras", FileNotFoundError,
+     r"prompts\[1\]: LoRA 'ink' not found in .*loras \(tried ink, ink.safetensors"),
+    ({"prompt": "a <lora:ink:x> circle"}, "loras", ValueError,
+     r"prompts\[1\]: <lora:ink:x>: multipliers must be numbers"),
+    ({"prompt": "a circle", "negative_prompt": "<lora:ink:1>"}, "loras", ValueError,
+     r"prompts\[1\]: negative_prompt: <lora:…> tags are read in the prompt only"),
+])
+def test_lora_tags_that_cannot_be_read_fail_before_any_image(pipe, tmp_path, prompt, lora_dir,
+                                                             error, message):
+    (tmp_path / "loras").mkdir()
+    lora_dir = None if lora_dir is None else tmp_path / lora_dir
+    with pytest.raises(error, match=message):
+        gen.generate(pipe, ["a red circle", prompt], tmp_path / "out", lora_dir=lora_dir, **FAST)
+    assert not (tmp_path / "out").exists()
 
 
 def test_settings_that_need_the_model_are_checked_before_any_image(pipe, tmp_path):
@@ -263,11 +326,15 @@ def _api_run(pipe, out, prompts):
     (["--ckpt", "nowhere.safetensors"], "argument --ckpt: nowhere.safetensors is not a file"),
     (["--prompts", "nowhere.txt"], "argument --prompts: nowhere.txt is not a file"),
     (["--out", "prompts.txt"], "argument --out: prompts.txt is not a folder"),
+    (["--lora-dir", "nowhere"], "argument --lora-dir: nowhere is not a folder"),
+    (["--prompts", "tagged.txt"], "tagged.txt:2: <lora:…> tags name ink: give the folder"),
+    (["--prompts", "tagged.txt", "--lora-dir", "."], "tagged.txt:2: LoRA 'ink' not found in ."),
 ])
 def test_command_line_errors_come_before_the_load(tmp_path, monkeypatch, capsys, argument,
                                                   message):
     monkeypatch.chdir(tmp_path)
     Path("prompts.txt").write_text("a red circle\n")
+    Path("tagged.txt").write_text("a red circle\na <lora:ink:1> circle\n")
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
