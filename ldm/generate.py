@@ -51,10 +51,11 @@ cpu_count / LOCAL_WORLD_SIZE threads.
 
 Manifest: a record per image, {"file", "prompt", "negative_prompt", "seed", "prompt_index",
 "image", "line", "steps", "sampler", "schedule", "cfg_scale", "eta", "height", "width",
-"lora_hashes", "model", "model_sha256"} (the prompt as written, tags included). Each process appends the records of the images it writes to
-DIR/manifest-rank{r}.jsonl (with "rank", "world_size", "device", "dtype", "time"); a process
-that finds every image of the plan present writes DIR/manifest.jsonl, all records in prompt
-order, through a temporary file (several processes finishing together write the same bytes).
+"lora_hashes", "model", "model_sha256"} (the prompt as written, tags included). Each process
+appends the records of the images it writes to DIR/manifest-rank{r}.jsonl (with "rank",
+"world_size", "device", "dtype", "time"); a process that finds every image of the plan present
+writes DIR/manifest.jsonl, all records in prompt order, through a temporary file (several
+processes finishing together write the same bytes).
 `read_manifest(DIR)` merges the rank files (one record per file, the last written).
 """
 import argparse
@@ -70,12 +71,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ldm import arguments, parameters, samplers
+from ldm import arguments, lora, parameters, samplers
 from ldm.checkpoint import CheckpointError
 from ldm.outputs import remove_stale_temporaries, write_png
 from ldm.config import PRESETS
 from ldm.loader import DEFAULT_CHECKPOINT, load
-from ldm import lora
 from ldm.samplers.registry import sampler_names
 
 log = logging.getLogger(__name__)

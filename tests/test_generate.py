@@ -219,7 +219,8 @@ def test_lora_tags_merge_their_lora_for_their_prompts(pipe, tmp_path):
     and are recorded with A1111's hash in the manifest and the PNG's parameters."""
     lora_dir = tmp_path / "loras"
     lora_dir.mkdir()
-    shutil.copy(ROOT / "weights" / "tiny-shapes-purple-star.safetensors", lora_dir / "ps.safetensors")
+    shutil.copy(ROOT / "weights" / "tiny-shapes-purple-star.safetensors",
+                lora_dir / "ps.safetensors")
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     prompts = ["a purple circle <lora:ps:1>", "a red circle", "a purple <lora:ps:0.5> star",
                "a purple square <lora:ps:1>"]

@@ -318,7 +318,8 @@ def test_min_snr_weighting_is_diffusers(prediction):
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               prediction_type="epsilon" if prediction == "eps" else "v_prediction")
     alpha_bar = scheduler.alphas_cumprod[t][:, None, None, None]
-    target = noise if prediction == "eps" else alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    target = noise if prediction == "eps" else v
     per_sample = ((output - target) ** 2).mean(dim=(1, 2, 3))
     snr = compute_snr(scheduler, t)
     weights = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0]
