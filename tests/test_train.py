@@ -333,7 +333,7 @@ def test_min_snr_weighting_is_diffusers(prediction):
     error = ((loss(5.0) - reference).abs() / reference).item()
     print(f"{prediction}: Min-SNR-5 loss vs diffusers {error:.2e}; weights "
           f"{weights.min():.3f}..{weights.max():.3f}")
-    assert error <= 1e-6
+    assert error <= 1e-5  # diffusers' 1 − ᾱ is float32 (7e-5 off at t = 0), ldm's float64
     assert weights.min() < 0.1 and (loss(5.0) - loss(None)).abs() > 1e-3 * reference
     torch.testing.assert_close(loss(None), per_sample.mean())
     with pytest.raises(ValueError, match="min_snr_gamma"):
