@@ -240,6 +240,18 @@ def plan(pipe, prompts, *, seed=0, num_images=1, lora_dir=None, **defaults):
 def _loras(prompt, negative, lora_dir, hashes):
     """((LoRATag, hash), …) of the prompt's `<lora:…>` tags, sorted; `hashes` caches the
     hash of each file (path -> hash) across prompts."""
+    tags, paths = _lora_files(prompt, negative, lora_dir)
+    for path in paths:
+        if path not in hashes:
+            hashes[path] = lora.file_hash(path)
+    pairs = [(tag, hashes[path]) for tag, path in zip(tags, paths)]
+    return tuple(sorted(pairs, key=lambda pair: (pair[0].name, pair[0].text_multiplier,
+                                                 pair[0].multiplier)))
+
+
+def _lora_files(prompt, negative, lora_dir):
+    """([LoRATag], [path]): the prompt's `<lora:…>` tags and the files of `lora_dir` they name;
+    errors name the prompt's place."""
     if lora.LORA_TAG.search(negative):
         raise ValueError(f"{prompt.where}: negative_prompt: <lora:…> tags are read in the "
                          "prompt only (as A1111)")
@@ -251,12 +263,7 @@ def _loras(prompt, negative, lora_dir, hashes):
         paths = [lora.find_lora(tag.name, lora_dir) for tag in tags]
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"{prompt.where}: {e}") from e
-    for path in paths:
-        if path not in hashes:
-            hashes[path] = lora.file_hash(path)
-    pairs = [(tag, hashes[path]) for tag, path in zip(tags, paths)]
-    return tuple(sorted(pairs, key=lambda pair: (pair[0].name, pair[0].text_multiplier,
-                                                 pair[0].multiplier)))
+    return tags, paths
 
 
 def _settings(pipe, options, where):
@@ -548,7 +555,7 @@ def execute(args):
     for prompt in prompts:  # the LoRA files the tags name, found before the load
         negative = prompt.options.get("negative_prompt", defaults.get("negative_prompt", ""))
         try:
-            _loras(prompt, negative, args.lora_dir, {})
+            _lora_files(prompt, negative, args.lora_dir)
         except FileNotFoundError as e:  # a file the command line names: bad input
             raise ValueError(str(e)) from e
     device = _device(args.device, local_rank)

@@ -9,8 +9,9 @@ with text(c) the conditioning sampling builds for caption c: SD's context, SDXL'
 y (pooled text and the image's sizes, `SDXLObjective`). Optionally each sample's loss is
 weighted by Min-SNR-γ (Hang et al. 2023, arXiv:2303.09556; kohya's `--min_snr_gamma`,
 diffusers' `--snr_gamma`): min(SNR_t, γ) / SNR_t for ε (/ (SNR_t + 1) for v), SNR_t =
-ᾱ_t / (1 − ᾱ_t), which caps the weight of the low-noise steps, where ε-MSE is largest in
-x₀ terms, and the steps' gradients conflict least.
+ᾱ_t / (1 − ᾱ_t). Measured on x₀, ε-MSE weighs step t by SNR_t, in the thousands at low noise;
+the weight caps that at γ, so that the low-noise steps, whose gradients pull against the
+others', do not dominate training (the paper's reading).
 Each step's data and noise come from a generator seeded by (seed, step) alone, so a run resumed
 from a checkpoint continues exactly as if never stopped.
 
@@ -138,10 +139,11 @@ class DiffusionObjective(nn.Module):
         target = noise
         if self.prediction == "v":
             target = alpha_bar.sqrt() * noise - (1.0 - alpha_bar).sqrt() * latents
-        prediction = self.unet(noisy, t, **cond)
+        output = self.unet(noisy, t, **cond)
         if self.min_snr_gamma is None:
-            return F.mse_loss(prediction, target)
-        return (self.min_snr_weights(t) * (prediction - target).pow(2).mean(dim=(1, 2, 3))).mean()
+            return F.mse_loss(output, target)
+        per_sample = (output - target).pow(2).mean(dim=(1, 2, 3))   # (B,)
+        return (self.min_snr_weights(t) * per_sample).mean()
 
     def min_snr_weights(self, t):
         """t (B,) -> the Min-SNR-γ weights (B,) float32 of the module docstring."""
