@@ -10,8 +10,11 @@ restartable. The way to make 10 000 images for an evaluation.
 Prompts: one per line (blank lines are skipped), or, in a file named *.jsonl, one JSON object
 per line: {"prompt": "a red circle", "steps": 10, "cfg_scale": 5, …}, the prompt plus any of
 txt2img's keyword arguments a file can hold (LINE_KEYS: negative_prompt, steps, sampler,
-schedule, cfg_scale, height, width, num_images, seed, eta). The command line's values are every
-line's defaults, the model's own (config.sampling, image_size) theirs. A line that is no JSON
+schedule, cfg_scale, height, width, num_images, seed, eta; rng, clip_skip, prompt_syntax,
+emphasis, pad_conds, which reproducing AUTOMATIC1111's images takes; and the hires fix's
+hires_scale, hires_strength, hires_steps, hires_upscale). The command line's values are every
+line's defaults, txt2img's and the model's own (config.sampling, image_size) theirs; hires_*
+without a hires_scale is an error, as they would change nothing. A line that is no JSON
 object, an unknown key, or a value of the wrong type or range is a ValueError naming the file,
 the line and the key, raised before the model loads.
 
@@ -50,9 +53,12 @@ nor gloo is needed. On CUDA each process uses GPU LOCAL_RANK; on the CPU each ta
 cpu_count / LOCAL_WORLD_SIZE threads.
 
 Manifest: a record per image, {"file", "prompt", "negative_prompt", "seed", "prompt_index",
-"image", "line", "steps", "sampler", "schedule", "cfg_scale", "eta", "height", "width",
-"lora_hashes", "model", "model_sha256"} (the prompt as written, tags included). Each process
-appends the records of the images it writes to DIR/manifest-rank{r}.jsonl (with "rank",
+"image", "line", "steps", "sampler", "schedule", "cfg_scale", "eta", "height", "width", "rng",
+"clip_skip", "prompt_syntax", "emphasis", "pad_conds", "hires_scale", "hires_strength",
+"hires_steps", "hires_upscale", "lora_hashes", "model", "model_sha256"} (the prompt as written,
+tags included; height and width are the first pass's under a hires fix, as A1111 writes them;
+a record written before a key existed reads as that key's default, RECORD_DEFAULTS). Each
+process appends the records of the images it writes to DIR/manifest-rank{r}.jsonl (with "rank",
 "world_size", "device", "dtype", "time"); a process that finds every image of the plan present
 writes DIR/manifest.jsonl, all records in prompt order, through a temporary file (several
 processes finishing together write the same bytes).
@@ -71,19 +77,26 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ldm import arguments, lora, parameters, samplers
+from ldm import arguments, hires, lora, parameters, prompts as prompt_lib, samplers
 from ldm.checkpoint import CheckpointError
 from ldm.outputs import remove_stale_temporaries, write_png
 from ldm.config import PRESETS
 from ldm.loader import DEFAULT_CHECKPOINT, load
+from ldm.rng import RNGS, generator as seeded_generator
 from ldm.samplers.registry import sampler_names
 
 log = logging.getLogger(__name__)
 
+HIRES_KEYS = ("hires_scale", "hires_strength", "hires_steps", "hires_upscale")
+PROMPT_KEYS = ("clip_skip", "prompt_syntax", "emphasis", "pad_conds")  # how a prompt is read
 # txt2img's keyword arguments that a prompts file can hold (tests/test_generate.py checks that
 # txt2img takes each); the others are objects, not values.
 LINE_KEYS = ("negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "height", "width",
-             "num_images", "seed", "eta")
+             "num_images", "seed", "eta", "rng", *PROMPT_KEYS, *HIRES_KEYS)
+# Record keys added after the first release, with the value a record without them meant: an
+# image made before is no other image for lacking them.
+RECORD_DEFAULTS = {"rng": "cpu", "clip_skip": None, "prompt_syntax": "a1111",
+                   "emphasis": "original", "pad_conds": True, **dict.fromkeys(HIRES_KEYS)}
 NOT_IN_FILES = ("generator", "latents", "output_type", "callback", "progress", "refiner")
 RECORD_KEY = "ldm_generate"  # the PNG text chunk holding an image's record
 SEED_END = 2**64             # torch.Generator.manual_seed takes seeds in [0, 2**64)
@@ -164,16 +177,26 @@ def check_option(key, value, name):
         if not isinstance(value, str):
             raise fail("must be a string")
         return value
-    if key in ("sampler", "schedule"):
-        allowed = sampler_names() if key == "sampler" else list(samplers.SCHEDULES)
-        if value not in allowed:
-            raise fail("must be one of " + ", ".join(allowed))
+    choices = {"sampler": sampler_names(), "schedule": list(samplers.SCHEDULES), "rng": RNGS,
+               "prompt_syntax": prompt_lib.SYNTAXES, "emphasis": prompt_lib.EMPHASES,
+               "hires_upscale": list(hires.UPSCALERS)}
+    if key in choices:
+        if value not in choices[key]:
+            raise fail("must be one of " + ", ".join(choices[key]))
+        return value
+    if key == "pad_conds":
+        if not isinstance(value, bool):
+            raise fail("must be true or false")
         return value
     try:
         if key == "cfg_scale":
             return arguments.check_cfg_scale(value)
         if key == "eta":
             return arguments.check_eta(value)
+        if key == "hires_scale":
+            return hires.Hires.check(value, hires.DEFAULT_STRENGTH, None, "latent").scale
+        if key == "hires_strength":
+            return arguments.check_float(key, value, 0, 1, low_open=True)
         value = arguments.check_int(key, value, minimum=0 if key == "seed" else 1)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{name}: {e}") from e
@@ -194,7 +217,7 @@ class Job:
     prompt: str
     negative_prompt: str
     seed: int
-    settings: tuple  # ((name, value), …): steps, sampler, schedule, cfg_scale, eta, height, width
+    settings: tuple  # ((name, value), …): txt2img's, every LINE_KEYS key but the above
     loras: tuple = ()  # (LoRATag, A1111 hash) of each <lora:…> tag of the prompt, sorted
 
     @property
@@ -217,6 +240,9 @@ def plan(pipe, prompts, *, seed=0, num_images=1, lora_dir=None, **defaults):
     jobs, hashes = [], {}
     for k, prompt in enumerate(prompts):
         options = {**{key: v for key, v in defaults.items() if v is not None}, **prompt.options}
+        if options.get("hires_scale") is None:  # defaults' hires_* serve the prompts that use it
+            options = {key: v for key, v in options.items()
+                       if key not in HIRES_KEYS or key in prompt.options}
         count = options.pop("num_images", num_images)
         first = options.pop("seed", None)
         if first is None:
@@ -234,7 +260,17 @@ def plan(pipe, prompts, *, seed=0, num_images=1, lora_dir=None, **defaults):
         loras = _loras(prompt, negative, lora_dir, hashes)
         jobs += [Job(k, i, prompt.line, prompt.text, negative, first + i, settings, loras)
                  for i in range(count)]
+    _check_hires_defaults(prompts, defaults)
     return jobs
+
+
+def _check_hires_defaults(prompts, defaults):
+    """hires_* defaults serve the prompts with a hires_scale: refused when no prompt has one."""
+    unused = [key for key in HIRES_KEYS if defaults.get(key) is not None]
+    if unused and not any(prompt.options.get("hires_scale", defaults.get("hires_scale"))
+                          for prompt in prompts):
+        raise ValueError(f"{', '.join(unused)} given, but no prompt has a hires_scale: they "
+                         "would change nothing")
 
 
 def _loras(prompt, negative, lora_dir, hashes):
@@ -267,19 +303,39 @@ def _lora_files(prompt, negative, lora_dir):
 
 
 def _settings(pipe, options, where):
-    """txt2img's sampling settings for one prompt, the model's defaults filled in."""
+    """txt2img's settings for one prompt, its and the model's defaults filled in."""
     sampling, size = pipe.config.sampling, pipe.config.image_size
     try:
         entry, schedule = samplers.resolve(options.get("sampler", sampling.sampler),
                                            options.get("schedule"))
         steps = options.get("steps", sampling.steps)
         samplers.timesteps(entry, schedule, steps, pipe.alphas_cumprod)  # steps it can take
+        pipe.clip_skip_layers(options.get("clip_skip"))  # SD 1.x's CLIP only, its block count
+        upscaling = _hires(options)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from e
     return {"steps": steps, "sampler": entry.name, "schedule": schedule,
             "cfg_scale": options.get("cfg_scale", sampling.cfg_scale),
             "eta": options.get("eta", 0.0), "height": options.get("height", size),
-            "width": options.get("width", size)}
+            "width": options.get("width", size),
+            **{key: options.get(key, default) for key, default in RECORD_DEFAULTS.items()
+               if key not in HIRES_KEYS},
+            **upscaling}
+
+
+def _hires(options):
+    """The hires_* settings, checked together and filled in (all None when hires is off)."""
+    if options.get("hires_scale") is None:
+        given = [key for key in HIRES_KEYS if key in options]
+        if given:
+            raise ValueError(f"{', '.join(given)} without hires_scale would change nothing: "
+                             "give hires_scale (> 1) to turn the hires fix on")
+        return dict.fromkeys(HIRES_KEYS)
+    upscaling = hires.Hires.check(
+        options["hires_scale"], options.get("hires_strength", hires.DEFAULT_STRENGTH),
+        options.get("hires_steps"), options.get("hires_upscale", "latent"))
+    return dict(zip(HIRES_KEYS, (upscaling.scale, upscaling.strength, upscaling.steps,
+                                 upscaling.upscaler)))
 
 
 def batches(jobs, batch_size):
@@ -379,11 +435,14 @@ def _prompts(prompts):
 
 
 def _make(pipe, batch):
-    """One txt2img call for a batch of jobs sharing their settings; image i from its seed."""
-    generators = [torch.Generator().manual_seed(job.seed) for job in batch]
+    """One txt2img call for a batch of jobs sharing their settings; image i from its seed, by
+    the settings' rng."""
+    settings = dict(batch[0].settings)
+    rng = settings.pop("rng")
     return pipe.txt2img([job.prompt for job in batch],
                         negative_prompt=[job.negative_prompt for job in batch],
-                        generator=generators, progress=False, **dict(batch[0].settings))
+                        generator=[seeded_generator(job.seed, rng) for job in batch],
+                        progress=False, **settings)
 
 
 def _model_info(model):
@@ -419,6 +478,7 @@ class _Writer:
             raise ValueError(f"{path} is there but is no image of `ldm.generate` ({e!r}): "
                              "remove it, or use another --out") from e
         expected = self.record(job)
+        stored = {**RECORD_DEFAULTS, **stored}
         differ = [f"{key} {stored.get(key)!r}, now {value!r}" for key, value in expected.items()
                   if key != "line" and stored.get(key) != value]  # a moved line is no change
         if differ:
@@ -451,8 +511,8 @@ class _Writer:
 
 def _a1111_parameters(record, job):
     """AUTOMATIC1111's "parameters" text, which its PNG Info and `ldm.parse_parameters` read
-    back to the settings that made the image (seeds drawn by torch's CPU generator: RNG CPU);
-    the prompt's LoRA tags at its end with their "Lora hashes", as A1111 writes them."""
+    back to the settings that made the image; the prompt's LoRA tags at its end with their
+    "Lora hashes", as A1111 writes them."""
     settings = {key: value for key, value in record.items()
                 if key in parameters.SETTINGS and value is not None}
     settings["prompt"] = lora.prompt_loras(job.prompt)[0].strip()
@@ -460,7 +520,7 @@ def _a1111_parameters(record, job):
              for tag, hash_ in job.loras]
     model = ({"Model hash": record["model_sha256"][:10], "Model": record["model"]}
              if record["model"] else {})
-    return parameters.format_parameters({**settings, "rng": "cpu"}, loras=loras, info=model)
+    return parameters.format_parameters(settings, loras=loras, info=model)
 
 
 @dataclass(frozen=True)
@@ -524,6 +584,22 @@ def add_arguments(parser):
     add("--eta", type=float, help="DDIM noise (default 0)")
     add("--height", type=int, help="image height (default: the model's native size)")
     add("--width", type=int, help="image width (default: the model's native size)")
+    add("--rng", choices=RNGS, help="the numbers a seed gives: cpu (default; torch's CPU "
+        "generator, A1111's CPU) or nv (CUDA's, A1111's GPU/NV)")
+    add("--clip-skip", type=int, help="A1111's CLIP skip (SD 1.x; default: the model's own)")
+    add("--prompt-syntax", choices=prompt_lib.SYNTAXES, help="a1111 (default: (word:1.2), "
+        "[word], BREAK) or plain")
+    add("--emphasis", choices=prompt_lib.EMPHASES, help="how weights apply (default original, "
+        "A1111's)")
+    add("--pad-conds", action=argparse.BooleanOptionalAction, help="pad prompt and negative "
+        "prompt to the same 75-token chunk count (default), or not (A1111's default)")
+    add("--hires-scale", type=float, help="A1111's hires fix: draw at the size given, upscale "
+        "by this factor (> 1) and denoise again (default: off)")
+    add("--hires-strength", type=float, help=f"the hires pass's denoising strength (default "
+        f"{hires.DEFAULT_STRENGTH})")
+    add("--hires-steps", type=int, help="steps of the hires pass (default: --steps)")
+    add("--hires-upscale", "--hires-upscaler", dest="hires_upscale", choices=hires.UPSCALERS,
+        help="latent (default) or another of ldm.hires.UPSCALERS")
     add("--lora-dir", type=Path, help="the folder of the LoRA files that <lora:name:m> tags in "
         "the prompts name (A1111's models/Lora)")
     add("--device", help="default: cuda:LOCAL_RANK when CUDA is there, else cpu")
@@ -552,6 +628,10 @@ def execute(args):
         check_option(key, value, f"argument --{key.replace('_', '-')}")
     if args.batch_size < 1:
         raise ValueError(f"argument --batch-size: must be at least 1, got {args.batch_size}")
+    try:
+        _check_hires_defaults(prompts, defaults)
+    except ValueError as e:
+        raise ValueError(f"arguments --hires-*: {e}") from e
     for prompt in prompts:  # the LoRA files the tags name, found before the load
         negative = prompt.options.get("negative_prompt", defaults.get("negative_prompt", ""))
         try:

@@ -197,7 +197,7 @@ class StableDiffusion(nn.Module):
         num_images = arguments.check_int("num_images", num_images, minimum=1)
         prompts = arguments.check_prompts("prompt", prompt)
         negatives = _per_prompt(negative_prompt, len(prompts))
-        layers = self._clip_skip_layers(clip_skip)
+        layers = self.clip_skip_layers(clip_skip)
         vectors = self._embedding_vectors("text_encoder")
         cond = self._tokenize(self.tokenizer, prompts, prompt_syntax, vectors)
         uncond = self._tokenize(self.tokenizer, negatives, prompt_syntax, vectors)
@@ -208,8 +208,9 @@ class StableDiffusion(nn.Module):
         return ({"context": encode(cond).repeat_interleave(num_images, dim=0)},
                 {"context": encode(uncond).repeat_interleave(num_images, dim=0)})
 
-    def _clip_skip_layers(self, clip_skip):
-        """The text blocks to run for A1111's clip skip (None: the family's own)."""
+    def clip_skip_layers(self, clip_skip):
+        """The text blocks to run for A1111's clip skip (None: the family's own); ValueError
+        where this model takes no such clip skip."""
         if clip_skip is None:
             return None
         clip_skip = arguments.check_int("clip_skip", clip_skip, minimum=1)

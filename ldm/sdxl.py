@@ -178,7 +178,7 @@ class StableDiffusionXL(StableDiffusion):
         else:
             target = _pair("target_size", target_size or image_size)
             numbers = negative_numbers = [*original, *crop, *target]
-        self._clip_skip_layers(clip_skip)  # refuses any but None
+        self.clip_skip_layers(clip_skip)  # refuses any but None
         text, negative_text = self._encode_texts([prompts, negatives], prompt_syntax, emphasis,
                                                  _check_bool("pad_conds", pad_conds))
         cond = self._conditioning(prompts, text, numbers, num_images)

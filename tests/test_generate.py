@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 import ldm
 from ldm import generate as gen
@@ -54,8 +54,66 @@ def pixels(path):
 
 def test_line_keys_are_txt2img_keywords():
     parameters = inspect.signature(ldm.StableDiffusion.txt2img).parameters
-    for key in gen.LINE_KEYS:
-        assert parameters[key].kind == inspect.Parameter.KEYWORD_ONLY
+    for key in gen.LINE_KEYS:  # its own keywords, or the prompt's, which **conditioning takes
+        assert (key in ldm.pipeline.PROMPT_OPTIONS
+                or parameters[key].kind == inspect.Parameter.KEYWORD_ONLY), key
+    # a record without one of the later keys was made with txt2img's default (hires: off)
+    encode = inspect.signature(ldm.StableDiffusion.encode_prompt).parameters
+    assert gen.RECORD_DEFAULTS == {"rng": parameters["rng"].default,
+                                   **{key: encode[key].default for key in gen.PROMPT_KEYS},
+                                   **dict.fromkeys(gen.HIRES_KEYS)}
+    assert parameters["hires_scale"].default is None
+
+
+def test_a1111_settings_and_hires_lines_reach_txt2img(pipe, tmp_path):
+    """rng, clip skip, prompt syntax, emphasis, pad conds and the hires fix, given by a line
+    or by every line's defaults: each image is txt2img's with them, its record and A1111 line
+    carry them, and a record written before these keys existed still counts as the image."""
+    lines = [{"prompt": "a (red:1.3) circle", "rng": "nv", "clip_skip": 2, "seed": 7,
+              "emphasis": "no_norm", "pad_conds": False,
+              "negative_prompt": ("a blue " * 40).strip()},  # 2 chunks: pad_conds matters
+             {"prompt": "a green (square:1.2)", "prompt_syntax": "plain", "hires_scale": 1.5,
+              "hires_upscale": "pixel", "seed": 8},
+             {"prompt": "a white triangle", "seed": 9}]
+    out = tmp_path / "out"
+    gen.generate(pipe, lines, out, hires_steps=2, **FAST)
+    own = [{key: v for key, v in line.items() if key != "prompt"} for line in lines]
+    own[1].update(hires_steps=2)
+    rows = manifest(out)
+    for line, options, row in zip(lines, own, rows):
+        assert {key: row[key] for key in options} == options
+        alone = pipe.txt2img(line["prompt"], **options, **FAST)[0]
+        made = pixels(out / row["file"])
+        assert made.shape[:2] == (alone.height, alone.width)
+        assert np.abs(made - np.asarray(alone, dtype=np.int16)).max() <= 1
+        read = ldm.parse_parameters(Image.open(out / row["file"]).info["parameters"]).kwargs
+        assert {key: read.get(key) for key in options} == options
+    assert rows[1]["hires_strength"] == ldm.hires.DEFAULT_STRENGTH and rows[1]["height"] == 64
+    assert pixels(out / rows[1]["file"]).shape[:2] == (96, 96)  # the second pass's size
+    assert pixels(out / rows[2]["file"]).shape[:2] == (64, 64)  # the --hires-steps default unused
+    assert (rows[2]["rng"], rows[2]["clip_skip"], rows[2]["pad_conds"], rows[2]["hires_scale"],
+            rows[2]["hires_steps"]) == ("cpu", None, True, None, None)
+    # the first release's record of image 2 held none of these keys
+    record = json.loads(Image.open(out / rows[2]["file"]).info[gen.RECORD_KEY])
+    old = {key: v for key, v in record.items() if key not in gen.RECORD_DEFAULTS}
+    info = PngImagePlugin.PngInfo()
+    info.add_text(gen.RECORD_KEY, json.dumps(old))
+    Image.open(out / rows[2]["file"]).save(out / rows[2]["file"], pnginfo=info)
+    summary = gen.generate(pipe, lines, out, hires_steps=2, **FAST)
+    assert (summary.made, summary.skipped) == (0, 3)
+
+
+@pytest.mark.parametrize("lines, defaults, message", [
+    ([{"prompt": "a", "hires_steps": 2}], {}, r"prompts\[0\]: hires_steps without hires_scale"),
+    ([{"prompt": "a"}], {"hires_strength": 0.5}, r"hires_strength given, but no prompt has a "
+                                                 r"hires_scale"),
+    ([{"prompt": "a", "clip_skip": 99}], {}, r"prompts\[0\]: clip_skip must be in \[1, "),
+])
+def test_hires_and_clip_skip_mistakes_fail_before_any_image(pipe, tmp_path, lines, defaults,
+                                                            message):
+    with pytest.raises(ValueError, match=message):
+        gen.generate(pipe, lines, tmp_path / "out", **defaults, **FAST)
+    assert not (tmp_path / "out").exists()
 
 
 def test_shards_make_the_single_process_set_byte_for_byte(pipe, tmp_path):
@@ -200,6 +258,16 @@ def test_jsonl_lines_carry_their_own_settings(pipe, tmp_path):
     ('{"prompt": "a", "height": 30}', r"p.jsonl:2: height: must be a multiple of 8, got 30"),
     ('{"prompt": "a", "seed": -1}', r"p.jsonl:2: seed: seed must be an integer >= 0"),
     ('{"prompt": "a", "seed": 18446744073709551616}', r"p.jsonl:2: seed: must be below 2\*\*64"),
+    ('{"prompt": "a", "rng": "gpu"}', r"p.jsonl:2: rng: must be one of cpu, nv, got 'gpu'"),
+    ('{"prompt": "a", "pad_conds": 1}', r"p.jsonl:2: pad_conds: must be true or false, got 1"),
+    ('{"prompt": "a", "emphasis": "x"}', r"p.jsonl:2: emphasis: must be one of original, "),
+    ('{"prompt": "a", "clip_skip": 0}', r"p.jsonl:2: clip_skip: clip_skip must be a positive"),
+    ('{"prompt": "a", "hires_scale": 1}', r"p.jsonl:2: hires_scale: hires_scale must be a "
+                                          r"finite number > 1"),
+    ('{"prompt": "a", "hires_strength": 0}', r"p.jsonl:2: hires_strength: hires_strength must "
+                                             r"be in \(0, 1\]"),
+    ('{"prompt": "a", "hires_upscale": "esrgan"}', r"p.jsonl:2: hires_upscale: must be one of "
+                                                   r"latent"),
     ('{"text": "a"}', r"p.jsonl:2: unknown key 'text'"),
     ('{"steps": 3}', r'p.jsonl:2: has no "prompt"'),
     ('{"prompt": 3}', r'p.jsonl:2: needs a string as its "prompt"'),
@@ -311,6 +379,24 @@ def test_command_line(pipe, tmp_path, monkeypatch, capsys):
     assert "0 images made, 6 already there" in capsys.readouterr().out
 
 
+def test_command_line_a1111_and_hires_flags(pipe, tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a (red:1.2) circle\n")
+    settings = dict(rng="nv", pad_conds=False, clip_skip=2, emphasis="no_norm",
+                    prompt_syntax="plain", hires_scale=1.5, hires_strength=0.6, hires_steps=2,
+                    hires_upscale="pixel")
+    flags = ["--rng", "nv", "--no-pad-conds", "--clip-skip", "2", "--emphasis", "no_norm",
+             "--prompt-syntax", "plain", "--hires-scale", "1.5", "--hires-strength", "0.6",
+             "--hires-steps", "2", "--hires-upscaler", "pixel"]
+    monkeypatch.setattr(gen, "load", lambda *a, **k: pipe)
+    assert gen.run(["--prompts", str(prompts), "--out", str(tmp_path / "cli"), "--steps", "3",
+                    "--sampler", "euler_a", "--no-progress", *flags]) == 0
+    gen.generate(pipe, prompts, tmp_path / "api", model=ldm.loader.DEFAULT_CHECKPOINT,
+                 **settings, **FAST)
+    assert files(tmp_path / "cli") == files(tmp_path / "api")
+    assert {key: manifest(tmp_path / "cli")[0][key] for key in settings} == settings
+
+
 def _api_run(pipe, out, prompts):
     gen.generate(pipe, prompts, out, num_images=2, seed=9, batch_size=4,
                  model=ldm.loader.DEFAULT_CHECKPOINT, **FAST)
@@ -328,6 +414,9 @@ def _api_run(pipe, out, prompts):
     (["--prompts", "nowhere.txt"], "argument --prompts: nowhere.txt is not a file"),
     (["--out", "prompts.txt"], "argument --out: prompts.txt is not a folder"),
     (["--lora-dir", "nowhere"], "argument --lora-dir: nowhere is not a folder"),
+    (["--hires-steps", "2"], "arguments --hires-*: hires_steps given, but no prompt has a "
+                             "hires_scale"),
+    (["--hires-scale", "0.5"], "argument --hires-scale: hires_scale must be a finite number > 1"),
     (["--prompts", "tagged.txt"], "tagged.txt:2: <lora:…> tags name ink: give the folder"),
     (["--prompts", "tagged.txt", "--lora-dir", "."], "tagged.txt:2: LoRA 'ink' not found in ."),
 ])
