@@ -22,3 +22,14 @@ def float32_by_default(request, monkeypatch):
     if request.module.__name__ != "test_precision":
         from ldm import precision
         monkeypatch.setattr(precision, "has_fast_bf16", lambda: False)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: toy models and the judge's many small ops only wait for a
+    second thread (and CI shares its two cores). Modules take it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -51,6 +51,12 @@ def randomize_(module, seed):
     return module
 
 
+def fresh_seed():
+    """A seed drawn anew at each run (torch's global generator is not seeded by the tests), so
+    that every run checks other random inputs."""
+    return int(torch.randint(1 << 30, ()))
+
+
 def rel_error(out, ref):
     """‖out − ref‖ / ‖ref‖, computed in float64."""
     out, ref = out.double(), ref.double()

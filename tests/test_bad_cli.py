@@ -6,7 +6,6 @@ image of a run gets its own file and records its own seed.
 On the tiny preset with random weights, 32×32 images: these check the command, not the model.
 """
 import errno
-import math
 import os
 import subprocess
 import sys

@@ -25,7 +25,7 @@ from ldm.models.open_clip_text import OpenCLIPTextConfig
 from ldm.sdxl import StableDiffusionXL
 from ldm.tokenizer import CLIPTokenizer
 
-from helpers import in_processes, randomize_, rel_error
+from helpers import fresh_seed, in_processes, randomize_, rel_error
 
 TOLERANCE = 1e-5
 CLIP_WIDTH, BIGG_WIDTH = 32, 48
@@ -51,16 +51,7 @@ def small_sdxl():
 LAYOUT = small_sdxl()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # toy models: threads only add overhead (and CI shares its cores)
-    yield
-    torch.set_num_threads(threads)
-
-
-def fresh_seed():
-    return int(torch.randint(1 << 30, ()))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_pipe(seed):

@@ -13,7 +13,7 @@ import torch
 from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, HeunDiscreteScheduler)
 
-from helpers import rel_error
+from helpers import fresh_seed, rel_error
 from ldm import schedule
 from ldm.samplers import (add_noise, alpha_bar, ddim_timesteps, eps_from_v,
                           sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde,
@@ -49,10 +49,6 @@ def toy_eps_fn(seed):
         scale = torch.sin(t.double() / 300.0).to(x.dtype)[:, None, None, None]
         return 0.5 * mix + scale * b.to(x.dtype)  # in x's dtype, for the float32 checks
     return eps_fn
-
-
-def fresh_seed():
-    return int(torch.randint(1 << 30, ()))
 
 
 def test_alphas_at_is_the_table_at_trained_steps_and_log_sigma_linear_between():

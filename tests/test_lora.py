@@ -25,7 +25,7 @@ from ldm.checkpoint import CheckpointError
 from ldm.models.unet import UNet, UNetConfig
 from ldm.pipeline import StableDiffusion
 
-from helpers import TINY_SD2, randomize_, rel_error
+from helpers import TINY_SD2, fresh_seed, randomize_, rel_error
 
 TOLERANCE = 1e-5
 # SD 1.5's U-Net layout at toy width (kohya names depend on the layout only), and text
@@ -37,10 +37,6 @@ SD15_LAYOUT = dataclasses.replace(
     text=dataclasses.replace(ldm.PRESETS["tiny"].text, vocab_size=VOCAB))
 SD2_LAYOUT = dataclasses.replace(TINY_SD2, text=dataclasses.replace(TINY_SD2.text,
                                                                     vocab_size=VOCAB))
-
-
-def fresh_seed():
-    return int(torch.randint(1 << 30, ()))
 
 
 def random_pipe(config):

@@ -25,7 +25,7 @@ from ldm.lora_training import LoRAConfig, LoRANetwork, kohya_training_metadata
 from ldm.models.unet import UNetConfig
 from ldm.pipeline import StableDiffusion
 
-from helpers import TINY_SD2, in_processes, randomize_, rel_error
+from helpers import TINY_SD2, fresh_seed, in_processes, randomize_, rel_error
 
 TOLERANCE = 1e-5
 SD15_LAYOUT = dataclasses.replace(PRESETS["tiny"], unet=UNetConfig(
@@ -36,16 +36,7 @@ FEW_STEPS = training.TrainConfig(steps=3, batch=4, lr=2e-2, warmup=1, checkpoint
 EVERYTHING = LoRAConfig(rank=4, alpha=2.0, text_encoder=True, conv_rank=2, conv_alpha=1.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # toy models: threads only add overhead (and CI shares its cores)
-    yield
-    torch.set_num_threads(threads)
-
-
-def fresh_seed():
-    return int(torch.randint(1 << 30, ()))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_pipe(config, seed):

@@ -19,25 +19,18 @@ from ldm.latent_targets import (LatentTargets, encoded, fit_latents, fit_targets
                                 point_moments)
 from ldm.models.vae import DiagonalGaussian
 
+from helpers import fresh_seed
+
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_LORA = ROOT / "weights" / "tiny-shapes-purple-star.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def pipe():
     return ldm.load(dtype=torch.float32)
-
-
-def fresh_seed():
-    return int(torch.randint(1 << 30, ()))
 
 
 def purple_backgrounds(seed, n=4):

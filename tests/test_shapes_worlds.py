@@ -12,12 +12,7 @@ from ldm.data import shapes
 from ldm.data.shapes import DEFAULT, EXTENDED, FAMILIES, NEW_CONCEPTS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the judge runs many small ops: threads only add overhead
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sha(*parts):

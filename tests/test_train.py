@@ -35,12 +35,7 @@ FEW_STEPS = training.TrainConfig(vae_steps=4, vae_batch=4, steps=4, batch=4, war
                               checkpoint_every=2, ema_decay=0.9)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead (and CI shares its cores)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fixed_diffusion_batch(pipe, n=16):

@@ -13,7 +13,7 @@ import torch
 
 from ldm import vae_tiling
 from ldm.models.vae import VAE_TINY, AutoencoderKL, VAEConfig
-from ldm.vae_tiling import (SharedGroupNorm, Span, Window, auto_tiling, decode_tiled,
+from ldm.vae_tiling import (SharedGroupNorm, Window, auto_tiling, decode_tiled,
                             decoder_halo, encode_tiled, encoder_halo, estimate_memory,
                             free_memory)
 
