@@ -1,6 +1,7 @@
 """Shared test utilities: the real checkpoint manifests, random weights, relative error."""
 import gzip
 import json
+import secrets
 import shutil
 import struct
 from contextlib import contextmanager
@@ -52,9 +53,10 @@ def randomize_(module, seed):
 
 
 def fresh_seed():
-    """A seed drawn anew at each run (torch's global generator is not seeded by the tests), so
-    that every run checks other random inputs."""
-    return int(torch.randint(1 << 30, ()))
+    """A seed drawn anew at each run, so that every run checks other random inputs: from the
+    OS, since torch's global generator is seeded by some tests (torch.manual_seed(0)) and would
+    give every later test of the run the same "fresh" seed."""
+    return secrets.randbelow(1 << 30)
 
 
 def rel_error(out, ref):

@@ -18,7 +18,7 @@ from ldm import checkpoint
 from ldm.config import PRESETS
 from ldm.pipeline import StableDiffusion
 
-from helpers import TINY_SD2, randomize_, read_manifest
+from helpers import TINY_SD2, fresh_seed, randomize_, read_manifest
 
 NOT_LOADED = {"model_ema.decay", "model_ema.num_updates",
               "cond_stage_model.transformer.text_model.embeddings.position_ids"}
@@ -99,7 +99,7 @@ def tiny():
     torch.manual_seed(0)
     pipe = StableDiffusion(PRESETS["tiny"])
     for module in pipe.networks().values():
-        randomize_(module, seed=int(torch.randint(1 << 30, ())))
+        randomize_(module, seed=fresh_seed())
     return pipe
 
 
@@ -114,7 +114,7 @@ def assert_same_weights(a, b):
 def test_sd2_round_trip_uses_the_open_clip_names(tmp_path, suffix):
     pipe = StableDiffusion(TINY_SD2)
     for module in pipe.networks().values():
-        randomize_(module, seed=int(torch.randint(1 << 30, ())))
+        randomize_(module, seed=fresh_seed())
     ldm.save(pipe, tmp_path / f"sd2{suffix}")
     names = checkpoint.open_checkpoint(tmp_path / f"sd2{suffix}").shapes
     text = {n for n in names if n.startswith("cond_stage_model.")}

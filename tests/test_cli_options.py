@@ -9,6 +9,8 @@ from safetensors.torch import save_file
 import ldm
 from ldm import cli, embeddings, lora
 
+from helpers import fresh_seed
+
 
 @pytest.fixture(scope="module")
 def shipped():
@@ -17,7 +19,7 @@ def shipped():
 
 def random_lora(pipe, path, layers=3):
     """A kohya LoRA of rank 2 on the first Linear layers of the name map."""
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    g = torch.Generator().manual_seed(fresh_seed())
     tensors = {}
     params = {n: dict(m.named_parameters()) for n, m in pipe.networks().items()}
     linear = [(name, t) for name, t in lora.original_name_map(pipe.networks()).items()

@@ -16,7 +16,7 @@ import ldm
 from ldm import offload
 from ldm.sdxl import StableDiffusionXL
 
-from helpers import randomize_
+from helpers import fresh_seed, randomize_
 from test_sdxl import tiny
 
 PROMPT = "a red circle in the top left"
@@ -30,7 +30,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def xl():
-    return randomize_(StableDiffusionXL(tiny("sdxl", 6)).eval(), int(torch.randint(1 << 30, ())))
+    return randomize_(StableDiffusionXL(tiny("sdxl", 6)).eval(), fresh_seed())
 
 
 def generate(pipe, **kwargs):

@@ -18,8 +18,8 @@ import ldm
 from ldm import schedule
 from ldm.samplers import ddim_timesteps
 
-from helpers import (large_temporary_file, random_tensor, read_manifest, rel_error, tensor_bytes,
-                     write_clip_vocab_files)
+from helpers import (fresh_seed, large_temporary_file, random_tensor, read_manifest, rel_error,
+                     tensor_bytes, write_clip_vocab_files)
 
 pytestmark = pytest.mark.slow
 diffusers = pytest.importorskip("diffusers")
@@ -33,7 +33,7 @@ TOLERANCE = 1e-5
 def sd15_tensors():
     """A random state dict with the release's names, shapes and dtypes, kept in memory (4.3 GB):
     the tests that need it on disk write it themselves and delete it, one file at a time."""
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    g = torch.Generator().manual_seed(fresh_seed())
     tensors = {name: random_tensor(name, shape, dtype, g)
                for name, (shape, dtype) in read_manifest("sd15_emaonly").items()}
     tensors.update(schedule.checkpoint_buffers())
@@ -98,7 +98,7 @@ def reference_text_encoder(tensors):
 
 @torch.no_grad()
 def test_unet_matches_diffusers(pipe, sd15_tensors):
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    g = torch.Generator().manual_seed(fresh_seed())
     x = torch.randn(2, 4, 32, 32, generator=g)
     t = torch.randint(0, 1000, (2,), generator=g)
     context = torch.randn(2, 77, 768, generator=g)
@@ -112,7 +112,7 @@ def test_unet_matches_diffusers(pipe, sd15_tensors):
 
 @torch.no_grad()
 def test_vae_matches_diffusers(pipe, sd15_tensors):
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    g = torch.Generator().manual_seed(fresh_seed())
     images = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
     latents = torch.randn(1, 4, 8, 8, generator=g)
     reference = reference_vae(sd15_tensors)
@@ -128,7 +128,7 @@ def test_vae_matches_diffusers(pipe, sd15_tensors):
 def test_text_encoder_matches_transformers(pipe, sd15_tensors):
     ids = pipe.tokenizer(["a photo of an astronaut riding a horse on mars",
                           "Ölgemälde einer Katze, 4k, trending on artstation 🐈"])
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    g = torch.Generator().manual_seed(fresh_seed())
     random_ids = torch.randint(0, 49406, (1, 77), generator=g)
     ids = torch.cat([ids, random_ids])
     reference = reference_text_encoder(sd15_tensors)
@@ -223,7 +223,7 @@ def compare_txt2img(ours, reference, sampler, reference_steps):
     """The same random starting latents, a prompt and a negative prompt through our txt2img
     (4 steps of `sampler`) and diffusers' pipeline (`reference_steps`), 256×256, guidance 7.5.
     Returns the final latents' relative error and the images' mean absolute difference (of 255)."""
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    g = torch.Generator().manual_seed(fresh_seed())
     latents = torch.randn(1, 4, 32, 32, generator=g)
     # No "!": with SD 2's pad token "!", transformers' tokenizer reads every "!" as padding.
     prompt, negative = "a watercolor painting of a lighthouse", "blurry, low quality"

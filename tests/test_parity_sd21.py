@@ -16,7 +16,7 @@ import torch
 import ldm
 from ldm import schedule
 
-from helpers import read_manifest, write_clip_vocab_files
+from helpers import fresh_seed, read_manifest, write_clip_vocab_files
 
 pytestmark = pytest.mark.slow
 diffusers = pytest.importorskip("diffusers")
@@ -35,7 +35,7 @@ def random_sd21_tensor(name, shape, dtype, g):
 
 def sd21_tensors():
     """A random state dict with the release's names, shapes and dtypes (5.2 GB, kept in memory)."""
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    g = torch.Generator().manual_seed(fresh_seed())
     tensors = {name: random_sd21_tensor(name, shape, dtype, g)
                for name, (shape, dtype) in read_manifest("sd21_768v").items()}
     tensors.update(schedule.checkpoint_buffers())

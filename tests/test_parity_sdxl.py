@@ -21,7 +21,7 @@ from ldm.models.open_clip_text import OpenCLIPTextConfig
 from ldm.models.vae import VAEConfig
 from ldm.sdxl import StableDiffusionXL
 
-from helpers import randomize_, rel_error, write_clip_vocab_files
+from helpers import fresh_seed, randomize_, rel_error, write_clip_vocab_files
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -47,10 +47,10 @@ def narrow(preset, adm_numbers):
 
 
 def random_model(config):
-    torch.manual_seed(int(torch.randint(1 << 30, ())))
+    torch.manual_seed(fresh_seed())
     pipe = StableDiffusionXL(config).eval()
     for module in pipe.networks().values():
-        randomize_(module, seed=int(torch.randint(1 << 30, ())))
+        randomize_(module, seed=fresh_seed())
     return pipe
 
 
@@ -163,7 +163,7 @@ def random_ids(g, batch=2):
 def test_unet_matches_diffusers(files, base, refiner, which):
     pipe = {"base": base, "refiner": refiner}[which]
     reference = reference_unet(load_file(str(files[which])), pipe.config)
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    g = torch.Generator().manual_seed(fresh_seed())
     c = pipe.unet.config
     x = torch.randn(2, 4, 16, 16, generator=g)
     t = torch.randint(0, 1000, (2,), generator=g)
@@ -184,7 +184,7 @@ def test_unet_matches_diffusers(files, base, refiner, which):
 def test_text_encoders_match_transformers(files, base, refiner):
     """CLIP-L's state after 11 blocks; bigG's after 31 and its projected pooled output."""
     tensors = load_file(str(files["base"]))
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    g = torch.Generator().manual_seed(fresh_seed())
     ids = random_ids(g)
     clip = reference_clip_l(tensors)(ids, output_hidden_states=True)
     error = rel_error(base.text_encoder.hidden_states(ids)[-2], clip.hidden_states[-2])
@@ -205,7 +205,7 @@ def test_text_encoders_match_transformers(files, base, refiner):
 @torch.no_grad()
 def test_vae_matches_diffusers(files, base):
     reference = reference_vae(load_file(str(files["base"])))
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    g = torch.Generator().manual_seed(fresh_seed())
     images = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
     latents = torch.randn(1, 4, 8, 8, generator=g)
     encode = rel_error(base.vae.encode(images).mean, reference.encode(images).latent_dist.mean)
@@ -263,7 +263,7 @@ def test_txt2img_matches_diffusers(base, reference_pipelines, negative):
     (diffusers: negative_prompt=None with force_zeros_for_empty_prompt), a non-empty one is
     encoded."""
     reference, _ = reference_pipelines
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    g = torch.Generator().manual_seed(fresh_seed())
     latents = torch.randn(1, 4, 16, 12, generator=g)
     common = dict(height=128, width=96, latents=latents, guidance_scale=5.0)
     theirs = reference(PROMPT, negative_prompt=negative or None, num_inference_steps=4,
@@ -280,7 +280,7 @@ def test_txt2img_matches_diffusers(base, reference_pipelines, negative):
 @torch.no_grad()
 def test_size_conditioning_matches_diffusers(base, reference_pipelines):
     reference, _ = reference_pipelines
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    g = torch.Generator().manual_seed(fresh_seed())
     latents = torch.randn(1, 4, 16, 16, generator=g)
     sizes = dict(original_size=(512, 768), crops_coords_top_left=(32, 16),
                  target_size=(1024, 1024))
@@ -300,7 +300,7 @@ def test_base_to_refiner_handoff_matches_diffusers(base, refiner, reference_pipe
     refiner with denoising_start=0.8; ours switches model inside one DDIM loop. 10 steps: the
     base runs t = 901 … 201, the refiner 101 and 1. Final latents and the decoded image."""
     reference_base, reference_refiner = reference_pipelines
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    g = torch.Generator().manual_seed(fresh_seed())
     latents = torch.randn(1, 4, 16, 16, generator=g)
     handed = reference_base(PROMPT, num_inference_steps=10, denoising_end=0.8, latents=latents,
                             height=128, width=128, guidance_scale=5.0,

@@ -13,7 +13,7 @@ import torch
 
 import ldm
 
-from helpers import (large_temporary_file, read_manifest, rel_error,
+from helpers import (fresh_seed, large_temporary_file, read_manifest, rel_error,
                      write_random_safetensors)
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ def sdxl_file(tmp_path_factory):
     manifest = read_manifest("sdxl_base")
     path = tmp_path_factory.mktemp("sdxl-full") / "sd_xl_base_random.safetensors"
     nbytes = sum(4 * int(torch.tensor(s).prod()) for s, _ in manifest.values())
-    seed = int(torch.randint(1 << 30, ()))
+    seed = fresh_seed()
     with large_temporary_file(path, lambda p: write_random_safetensors(p, manifest, seed),
                               nbytes):
         yield path
@@ -77,7 +77,7 @@ def test_full_size_unet_matches_diffusers(pipe):
         reference = diffusers.UNet2DConditionModel(**UNET_CONFIG)
     reference = assigned(reference, convert.convert_ldm_unet_checkpoint(
         original(pipe, "unet"), UNET_CONFIG))
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    g = torch.Generator().manual_seed(fresh_seed())
     x = torch.randn(1, 4, 16, 16, generator=g)
     t = torch.randint(0, 1000, (1,), generator=g)
     context = torch.randn(1, 77, 2048, generator=g)
@@ -94,7 +94,7 @@ def test_full_size_unet_matches_diffusers(pipe):
 
 @torch.no_grad()
 def test_full_size_text_encoders_match_transformers(pipe):
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    g = torch.Generator().manual_seed(fresh_seed())
     ids = random_ids(g)
     clip_config = transformers.CLIPTextConfig(
         vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -139,7 +139,7 @@ def test_full_size_vae_matches_diffusers(pipe):
         reference = diffusers.AutoencoderKL(**config)
     reference = assigned(reference, convert.convert_ldm_vae_checkpoint(original(pipe, "vae"),
                                                                        config))
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    g = torch.Generator().manual_seed(fresh_seed())
     latents = torch.randn(1, 4, 8, 8, generator=g)
     error = rel_error(pipe.decode_latents(latents),
                       reference.decode(latents / 0.13025).sample)

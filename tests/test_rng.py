@@ -12,6 +12,8 @@ import torch
 
 from ldm import rng
 
+from helpers import fresh_seed
+
 # Random123 tests/kat_vectors, "philox4x32 10" lines: counter words, key words, output words.
 PHILOX_KAT = [
     ("00000000 00000000 00000000 00000000", "00000000 00000000",
@@ -176,7 +178,7 @@ def test_draw_casts_philox_noise_and_leaves_torch_draws_to_torch():
 def test_a_cpu_generator_draws_on_the_cpu_for_another_device():
     """A1111's "CPU" source on a GPU: the numbers are the CPU generator's, drawn there and
     moved (the meta device stands in for a GPU), and the generator advances as on the CPU."""
-    seed = int(torch.randint(1 << 30, ()))
+    seed = fresh_seed()
     g, twin = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
     x = rng.draw((2, 4, 8, 8), g, device="meta", dtype=torch.float16)
     assert x.device.type == "meta" and x.dtype == torch.float16 and x.shape == (2, 4, 8, 8)

@@ -16,7 +16,7 @@ from ldm.models.open_clip_text import OpenCLIPTextConfig
 from ldm.models.vae import VAE_TINY
 from ldm.sdxl import StableDiffusionXL, size_embedding
 
-from helpers import randomize_, read_manifest
+from helpers import fresh_seed, randomize_, read_manifest
 
 UNET = checkpoint.PREFIXES["unet"]
 
@@ -39,13 +39,13 @@ def tiny(preset, numbers):
 @pytest.fixture(scope="module")
 def base():
     pipe = StableDiffusionXL(tiny("sdxl", 6)).eval()
-    return randomize_(pipe, seed=int(torch.randint(1 << 30, ())))
+    return randomize_(pipe, seed=fresh_seed())
 
 
 @pytest.fixture(scope="module")
 def refiner(base):
     pipe = StableDiffusionXL(tiny("sdxl-refiner", 5)).eval()
-    randomize_(pipe, seed=int(torch.randint(1 << 30, ())))
+    randomize_(pipe, seed=fresh_seed())
     pipe.vae.load_state_dict(base.vae.state_dict())
     return pipe
 
@@ -183,7 +183,7 @@ def test_fp16_vae_overflow_is_decoded_again_in_float32(base):
         vae.half()
         with torch.no_grad():
             vae.decoder.conv_in.weight.mul_(3000.0)  # activations ~1e5 before the first norm
-        g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+        g = torch.Generator().manual_seed(fresh_seed())
         latents = torch.randn(1, 4, 8, 8, generator=g).half()
         assert not torch.isfinite(vae.decode(latents / base.scale_factor)).all()  # it overflows
         images = base.decode_latents(latents)

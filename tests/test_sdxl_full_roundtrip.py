@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import ldm
 
-from helpers import large_temporary_file, read_manifest, write_random_safetensors
+from helpers import fresh_seed, large_temporary_file, read_manifest, write_random_safetensors
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def release_file(tmp_path_factory, manifest_name):
     manifest = read_manifest(manifest_name)
     path = tmp_path_factory.mktemp(manifest_name) / f"{manifest_name}-random.safetensors"
     nbytes = sum(2 * int(torch.tensor(shape).prod()) for shape, _ in manifest.values())
-    seed = int(torch.randint(1 << 30, ()))
+    seed = fresh_seed()
     return large_temporary_file(
         path, lambda p: write_random_safetensors(p, manifest, seed, torch.float16), nbytes)
 
@@ -72,7 +72,7 @@ def assert_saved_losslessly(pipe, original, tmp_path, manifest_name, preset):
 def test_base_generates_saves_and_reloads(base_file, tmp_path):
     pipe = load_mapped(base_file, "sdxl")
     images = pipe.txt2img("a red cube on a blue table", negative_prompt="blurry", height=SIZE,
-                          width=SIZE, steps=STEPS, seed=int(torch.randint(1 << 30, ())),
+                          width=SIZE, steps=STEPS, seed=fresh_seed(),
                           output_type="tensor")
     assert images.shape == (1, 3, SIZE, SIZE)
     assert_image(images, "SDXL base txt2img")
@@ -81,7 +81,7 @@ def test_base_generates_saves_and_reloads(base_file, tmp_path):
 
 @torch.no_grad()
 def test_refiner_refines_saves_and_reloads(base_file, refiner_file, tmp_path):
-    seed = int(torch.randint(1 << 30, ()))
+    seed = fresh_seed()
     base, refiner = load_mapped(base_file, "sdxl"), load_mapped(refiner_file, "sdxl-refiner")
     image = base.txt2img("a red cube", steps=2 * STEPS, refiner=refiner, refiner_start=0.5,
                          height=SIZE, width=SIZE, seed=seed, output_type="tensor")

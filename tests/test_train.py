@@ -22,7 +22,7 @@ from ldm.models.clip_text import CLIPTextConfig
 from ldm.models.unet import UNetConfig
 from ldm.models.vae import VAEConfig
 
-from helpers import in_processes, randomize_
+from helpers import fresh_seed, in_processes, randomize_
 
 # Every block type of the real model, at the smallest widths that still run.
 MICRO = ModelConfig(
@@ -210,7 +210,7 @@ def test_gradient_accumulation_gives_the_batch_gradient(mode):
     """4 micro-batches of 1 give the gradient of one batch of 4 (the global batch is split,
     not multiplied), to 1e-6: the LoRA's (text encoder included), or every U-Net and text
     weight's."""
-    seed = int(torch.randint(1 << 30, ()))
+    seed = fresh_seed()
     lora = LoRAConfig(rank=2, text_encoder=True, conv_rank=2) if mode == "lora" else None
     extra = {} if lora else {"train_text_encoder": True}
     config = dataclasses.replace(FEW_STEPS, batch=4)
@@ -235,7 +235,7 @@ def test_gradient_checkpointing_keeps_the_gradients(mode, monkeypatch):
         runs[0] += 1
         return forward(self, *args, **kwargs)
     monkeypatch.setattr(UNetBlock, "forward", counted)
-    seed = int(torch.randint(1 << 30, ()))
+    seed = fresh_seed()
     lora = LoRAConfig(rank=2, text_encoder=True) if mode == "lora" else None
     extra = {} if lora else {"train_text_encoder": True}
     plain = _first_gradients(FEW_STEPS, lora, seed, **extra)
@@ -270,7 +270,7 @@ def test_checkpointing_wraps_and_unwraps_blocks():
 def test_bf16_autocast_changes_the_gradient_a_little():
     """bf16 autocast (on the CPU too) computes the forward in bf16: its gradient is within a
     few percent of fp32's, and not equal to it (autocast did run)."""
-    seed = int(torch.randint(1 << 30, ()))
+    seed = fresh_seed()
     lora = LoRAConfig(rank=2)
     fp32 = _first_gradients(FEW_STEPS, lora, seed)
     bf16 = _first_gradients(dataclasses.replace(FEW_STEPS, precision="bf16"), lora, seed)
@@ -282,7 +282,7 @@ def test_bf16_autocast_changes_the_gradient_a_little():
 def test_v_prediction_objective():
     """For prediction "v" the target is v = √ᾱ ε − √(1 − ᾱ) z₀ (SD 2 768-v): a U-Net that
     outputs exactly that has loss 0, one that outputs ε has loss ‖ε − v‖²."""
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    g = torch.Generator().manual_seed(fresh_seed())
     latents, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     t = torch.randint(0, 1000, (3,), generator=g)
     from ldm import schedule
@@ -306,7 +306,7 @@ def test_min_snr_weighting_is_diffusers(prediction):
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
     from ldm import schedule
-    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    g = torch.Generator().manual_seed(fresh_seed())
     latents, noise = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)
     t = torch.cat([torch.tensor([0, 999]), torch.randint(0, 1000, (4,), generator=g)])
     output = torch.randn(6, 4, 8, 8, generator=g)  # the U-Net's prediction, whatever the input
@@ -340,7 +340,7 @@ def test_finetuning_ema_is_litema_of_the_steps():
     LitEma's: shadow ← shadow + (1 − d_n)(w_n − shadow), d_n = min(decay, (1 + n)/(10 + n)),
     starting from the loaded weights; the text encoder keeps its trained weights."""
 
-    seed = int(torch.randint(1 << 30, ()))
+    seed = fresh_seed()
     pipe = randomize_(StableDiffusion(MICRO), seed)
     expected = {k: v.clone().double() for k, v in pipe.unet.state_dict().items()}
     decay, raw_unet, raw_text = 0.95, {}, {}
