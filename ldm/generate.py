@@ -217,7 +217,9 @@ class Job:
     prompt: str
     negative_prompt: str
     seed: int
-    settings: tuple  # ((name, value), …): txt2img's, every LINE_KEYS key but the above
+    # ((name, value), …): txt2img's settings, every LINE_KEYS key but negative_prompt and seed
+    # (fields of their own) and num_images (which made the jobs)
+    settings: tuple
     loras: tuple = ()  # (LoRATag, A1111 hash) of each <lora:…> tag of the prompt, sorted
 
     @property
