@@ -74,7 +74,7 @@ def structured_latent(side, channels):
 def build(name, size):
     if name == "shipped":
         import ldm
-        vae = ldm.load(config="tiny-shapes").vae.eval()
+        vae = ldm.load(config="tiny-shapes", dtype=torch.float32).vae.eval()  # as printed
         with torch.no_grad():
             z = vae.encode(shapes_mosaic(size)).mean
     else:

@@ -14,14 +14,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-@pytest.fixture(autouse=True)
-def float32_by_default(request, monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def float32_by_default():
     """ldm.load's dtype="auto" picks bfloat16 on a CPU with AMX; the tests compare in float32
-    against references, so here "auto" sees no fast bf16 unit (test_precision.py checks what
-    it does with one)."""
-    if request.module.__name__ != "test_precision":
-        from ldm import precision
-        monkeypatch.setattr(precision, "has_fast_bf16", lambda: False)
+    against references, so here "auto" sees no fast bf16 unit. For the whole session, so that
+    module- and session-scoped fixtures (set up before any function-scoped one) load in float32
+    too; test_precision.py sets the detection per test to check what "auto" does with one.
+    Subprocesses do not inherit this: tests that start one name their dtype."""
+    from ldm import precision
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precision, "has_fast_bf16", lambda: False)
+        yield
 
 
 @pytest.fixture
