@@ -25,7 +25,8 @@ fp32 VAE" decodes ldm bf16's final latents with the float32 VAE, to tell the VAE
     python benchmarks/cpu.py --layouts    # U-Net (batch 2) and VAE decoder alone: NCHW vs
                                           # channels_last, fp32 and bf16, interleaved
     python benchmarks/cpu.py --judge      # the shipped model's judge scores, fp32 vs bf16
-    python benchmarks/cpu.py --kernels    # SD's Linear and conv shapes: GFLOP/s, fp32 vs bf16
+    python benchmarks/cpu.py --kernels    # SD's Linear and conv shapes: GFLOP/s, fp32 vs bf16,
+                                          # eager vs weights packed for oneDNN
     python benchmarks/cpu.py --smoke      # tiny model, tiny sizes, seconds; exits 1 if a row
                                           # fails or ldm and diffusers disagree (CI)
 """
@@ -414,33 +415,51 @@ def _layout_rounds(net, run, repeats):
 # SD 1.5's products and convolutions at 256² (32×32 latents, batch 2 under guidance):
 # (tokens, in, out) of a Linear; (channels, side) of a 3×3 convolution, batch 1.
 LINEARS = [(2048, 320, 320), (2048, 320, 2560), (2048, 1280, 320), (154, 768, 3072),
-           (512, 640, 5120), (128, 1280, 1280)]
-CONVS = [(128, 256), (256, 128), (512, 64), (320, 32), (1280, 8)]
+           (512, 640, 5120), (128, 1280, 1280), (128, 1280, 10240)]
+# (channels in, channels out, side): batch 2, the U-Net's levels at 32×32 latents, and the VAE's.
+CONVS = [(128, 128, 256), (256, 256, 128), (512, 512, 64), (320, 320, 32), (640, 640, 16),
+         (1280, 1280, 8), (2560, 1280, 8), (1280, 1280, 4)]
 
 
 def kernels(args):
     """GFLOP per CPU second (per core, whatever the thread count) of oneDNN's float32 and bf16
-    kernels on SD's shapes: does this CPU's bf16 beat its float32 at all?"""
-    import torch.nn.functional as F
+    kernels on SD's shapes, each as PyTorch's eager call and with its weight packed for oneDNN
+    once (ldm/kernels/prepacked.py): does this CPU's bf16 beat its float32, and what does the
+    per-call weight reorder cost?"""
+    from torch import nn
 
-    print_machine("Linear and 3×3 convolution kernels, float32 vs bf16")
-    print(f"best of {args.repeats} after 1 warm-up call; GFLOP per CPU second\n")
-    print(f"{'op':34} {'fp32':>8} {'bf16':>8} {'bf16/fp32':>10}")
+    from ldm.kernels import prepacked
+
+    print_machine("Linear and 3×3 convolution kernels, float32 vs bf16, eager vs packed weights")
+    print(f"best of {args.repeats} after 1 warm-up call; GFLOP per CPU second; convolutions "
+          "at batch 2\n")
+    columns = [(dtype, packed) for dtype in (torch.float32, torch.bfloat16)
+               for packed in (False, True)]
+    print(f"{'op':34} {'fp32':>8} {'packed':>8} {'bf16':>8} {'packed':>8} {'bf16/fp32':>10} "
+          f"{'packed/eager bf16':>18}")
     g = torch.Generator().manual_seed(0)
-    cases = [(f"linear {m}×{k} → {n}", 2 * m * k * n,
-              (torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k ** 0.5),
-              F.linear) for m, k, n in LINEARS]
+    linears, convs = ([(64, 32, 48)], [(16, 24, 8)]) if args.smoke else (LINEARS, CONVS)
+    cases = []
+    for m, k, n in linears:
+        layer = nn.Linear(k, n)
+        cases.append((f"linear {m}×{k} → {n}", 2 * m * k * n, layer,
+                      torch.randn(m, k, generator=g), torch.contiguous_format))
     for layout, fmt in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)):
-        cases += [(f"conv3×3 {c}ch {side}² {layout}", 2 * c * c * 9 * side * side,
-                   (torch.randn(1, c, side, side, generator=g).contiguous(memory_format=fmt),
-                    (torch.randn(c, c, 3, 3, generator=g) / (9 * c) ** 0.5).contiguous(
-                        memory_format=fmt)),
-                   lambda x, w: F.conv2d(x, w, padding=1)) for c, side in CONVS]
-    for label, flop, inputs, op in cases:
-        rates = [flop / _best_cpu_seconds(op, [t.to(dtype) for t in inputs], args.repeats) / 1e9
-                 for dtype in (torch.float32, torch.bfloat16)]
-        print(f"{label:34} {rates[0]:8.0f} {rates[1]:8.0f} {rates[1] / rates[0]:10.2f}",
-              flush=True)
+        for c_in, c_out, side in convs:
+            layer = nn.Conv2d(c_in, c_out, 3, padding=1)
+            cases.append((f"conv3×3 {c_in}→{c_out} {side}² {layout}",
+                          2 * 2 * c_in * c_out * 9 * side * side, layer,
+                          torch.randn(2, c_in, side, side, generator=g), fmt))
+    for label, flop, layer, x, fmt in cases:
+        rates = []
+        for dtype, packed in columns:
+            module = copy.deepcopy(layer).to(dtype=dtype, memory_format=fmt)
+            if packed:
+                prepacked.prepack(module)
+            inputs = [x.to(dtype).contiguous(memory_format=fmt)]
+            rates.append(flop / _best_cpu_seconds(module, inputs, args.repeats) / 1e9)
+        print(f"{label:34} {rates[0]:8.0f} {rates[1]:8.0f} {rates[2]:8.0f} {rates[3]:8.0f} "
+              f"{rates[2] / rates[0]:10.2f} {rates[3] / rates[2]:18.2f}", flush=True)
     return 0
 
 

@@ -8,8 +8,9 @@
           AVX512-BF16 alone is not enough: measured on a Xeon exposing AVX512-BF16 but not AMX,
           oneDNN's bf16 kernels (`avx512_core_bf16`) ran convolutions and matrix products at
           78-86 GFLOP/s against float32's 100-160, and SD 1.5's U-Net and VAE took 1.4× as
-          long in bf16 (see FAST_BF16_UNITS). With AMX, issue 15 measured SD 1.5 end to end
-          2.45× faster in bf16 than in float32 (2-core Xeon; images 1.2/255 apart).
+          long in bf16 (see FAST_BF16_UNITS). With AMX, SD 1.5 end to end ran 3.2× faster in
+          bf16 than in float32, 4.05× with the U-Net's weights packed (PREPACK_CPU; 2-core
+          Xeon, 2026-12-03, benchmarks/cpu.py; images 0.6/255 apart on average).
     CUDA  float16, the precision SD was released in; bfloat16 for the families whose activations
           overflow float16's range (FP16_OVERFLOWS: SDXL's VAE), float32 on a GPU without bf16.
     other float32 (MPS, XPU, …: not measured here).
@@ -21,7 +22,8 @@ an AMX-capable model whose hypervisor hides AMX). ARM's bf16 extension (FEAT_BF1
 Apple M2 on) is not counted: unmeasured, so ARM gets float32.
 
 Layouts (`preferred_memory_format`, applied by `optimize`): channels_last only where measured
-faster, see CHANNELS_LAST_CPU. No thread setting is changed: PyTorch's default (one thread per
+faster, see CHANNELS_LAST_CPU; weights packed for oneDNN where measured faster, see
+PREPACK_CPU (the bf16 U-Net on the CPU). No thread setting is changed: PyTorch's default (one thread per
 core) was not beaten by any measured alternative.
 """
 import functools
@@ -29,6 +31,8 @@ import re
 from pathlib import Path
 
 import torch
+
+from ldm.kernels import prepacked
 
 # The dtypes a model generates in, and the names they may be given by.
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -62,6 +66,13 @@ FP16_OVERFLOWS = frozenset({"sdxl", "sdxl-refiner"})
 # float32 1.12. So float32 stays NCHW (the U-Net, most of the time, loses on both CPUs), and
 # bf16, never slower in NHWC, goes channels_last.
 CHANNELS_LAST_CPU = frozenset({("unet", torch.bfloat16), ("vae", torch.bfloat16)})
+
+# (network, dtype) whose convolutions and linear layers read oneDNN-packed weights on the CPU
+# (ldm/kernels/prepacked.py). Measured 2026-12-03 on a 2-core Xeon with AMX, SD 1.5 U-Net at
+# 32×32 latents, batch 2: 1.16-1.33× faster in bf16, 1.27× in float32; the VAE decoder not
+# faster. Packing doubles the network's weights in memory, so it is done where bf16 is the
+# default (AMX) and costs half of float32's; float32 is opt-in: prepacked.prepack(pipe.unet).
+PREPACK_CPU = frozenset({("unet", torch.bfloat16)})
 
 
 def cpu_flags():
@@ -132,14 +143,17 @@ def preferred_memory_format(device, dtype, network):
 
 def optimize(pipe):
     """Put the pipeline's U-Net and VAE in their preferred memory formats for their device and
-    dtype (`preferred_memory_format`); returns pipe. Only the 4-D weights are re-laid (copied;
-    a weight mapped from its file becomes a private copy); the function computed is the same, to
-    rounding. The inputs need no change: a convolution with channels_last weights gives
-    channels_last outputs, and the layout carries through the network."""
+    dtype (`preferred_memory_format`), and pack the weights of those in PREPACK_CPU; returns
+    pipe. Only the 4-D weights are re-laid (copied; a weight mapped from its file becomes a
+    private copy); the function computed is the same, to rounding. The inputs need no change: a
+    convolution with channels_last weights gives channels_last outputs, and the layout carries
+    through the network."""
     for name in ("unet", "vae"):
         module = getattr(pipe, name)
         weight = next(module.parameters())
         module.to(memory_format=preferred_memory_format(weight.device, weight.dtype, name))
+        if _device(weight.device).type == "cpu" and (name, weight.dtype) in PREPACK_CPU:
+            prepacked.prepack(module)
     return pipe
 
 

@@ -17,11 +17,12 @@ def test_every_benchmark_has_a_smoke_run():
     assert {p.name for p in BENCHMARKS.glob("*.py")} <= listed
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", SCRIPTS + ["cpu.py --kernels"])
 def test_benchmark_smoke_mode_runs(script):
+    script, *mode = script.split()
     if not (BENCHMARKS / script).exists():
         pytest.fail(f"benchmarks/{script} is missing")
-    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke"],
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *mode, "--smoke"],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "torch" in done.stdout  # every benchmark prints its versions

@@ -6,6 +6,10 @@ through `geglu`. One switch picks the kernel behind all three (ldm.kernels.switc
         ...
 
 Triton is imported on the first Triton call, not with ldm.
+
+Apart from the switch, `ldm.kernels.prepacked` makes convolutions and linear layers read
+weights packed once for oneDNN in CPU inference (applied by ldm.precision.optimize where it
+measured faster: the bf16 U-Net).
 """
 from ldm.kernels.attention import attention, attention_reference
 from ldm.kernels.geglu import geglu, geglu_reference
