@@ -605,8 +605,9 @@ def add_arguments(parser):
     add("--lora-dir", type=Path, help="the folder of the LoRA files that <lora:name:m> tags in "
         "the prompts name (A1111's models/Lora)")
     add("--device", help="default: cuda:LOCAL_RANK when CUDA is there, else cpu")
-    add("--dtype", choices=("float32", "float16", "bfloat16"),
-        help="default: float16 on CUDA, float32 on CPU")
+    add("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+        help="auto (default), as ldm.load: bfloat16 on a CPU with AMX, float32 on other "
+        "CPUs, float16 on CUDA; each rank manifest records the dtype used")
     add("--threads", type=int, help="CPU threads per process (default: cores / processes)")
     add("--no-progress", action="store_true", help="no line per batch on stderr")
     add("--debug", action="store_true", help="on an error, show the traceback")
@@ -645,8 +646,7 @@ def execute(args):
     if not args.no_progress and not log.handlers:  # a line per batch, this module's only
         log.addHandler(logging.StreamHandler(sys.stderr))
         log.setLevel(logging.INFO)
-    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
-    pipe = load(args.ckpt, device=device, dtype=dtype, config=args.config)
+    pipe = load(args.ckpt, device=device, dtype=args.dtype, config=args.config)
     summary = generate(pipe, prompts, args.out, seed=args.seed, num_images=args.num_images,
                        batch_size=args.batch_size, rank=rank, world_size=world,
                        model=args.ckpt or DEFAULT_CHECKPOINT, lora_dir=args.lora_dir, **defaults)

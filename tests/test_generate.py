@@ -446,7 +446,8 @@ def test_torchrun_with_two_cpu_processes(pipe, tmp_path):
     command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "ldm.generate",
                "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--steps", "3",
                "--sampler", "euler_a", "--num-images", "2", "--seed", "9", "--batch-size", "4",
-               "--no-progress", "--device", "cpu", "--threads", "1"]
+               "--no-progress", "--device", "cpu", "--threads", "1",
+               "--dtype", "float32"]  # a subprocess: "auto" would be bf16 on a CPU with AMX
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
