@@ -23,8 +23,8 @@ Apple M2 on) is not counted: unmeasured, so ARM gets float32.
 
 Layouts (`preferred_memory_format`, applied by `optimize`): channels_last only where measured
 faster, see CHANNELS_LAST_CPU; weights packed for oneDNN where measured faster, see
-PREPACK_CPU (the bf16 U-Net on the CPU). No thread setting is changed: PyTorch's default (one thread per
-core) was not beaten by any measured alternative.
+PREPACK_CPU (the bf16 U-Net on the CPU). No thread setting is changed: PyTorch's default (one
+thread per core) was not beaten by any measured alternative.
 """
 import functools
 import re
@@ -152,7 +152,7 @@ def optimize(pipe):
         module = getattr(pipe, name)
         weight = next(module.parameters())
         module.to(memory_format=preferred_memory_format(weight.device, weight.dtype, name))
-        if _device(weight.device).type == "cpu" and (name, weight.dtype) in PREPACK_CPU:
+        if weight.device.type == "cpu" and (name, weight.dtype) in PREPACK_CPU:
             prepacked.prepack(module)
     return pipe
 

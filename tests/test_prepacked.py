@@ -67,7 +67,8 @@ def test_packed_layers_compute_what_the_stock_ones_do(make, shape, memory_format
 
 @pytest.mark.parametrize("make, x", [
     (lambda: nn.Linear(32, 16), lambda g: torch.randn(3, 32, 20, generator=g).transpose(1, 2)),
-    (lambda: nn.Conv2d(8, 8, 3, padding=1), lambda g: torch.randn(2, 8, 10, 12, generator=g)[..., ::2]),
+    (lambda: nn.Conv2d(8, 8, 3, padding=1),
+     lambda g: torch.randn(2, 8, 10, 12, generator=g)[..., ::2]),
 ])
 def test_strided_inputs(make, x):
     """Views (attention's transposes, slices) give what the stock layers give (fp32, ≤ 1e-6)."""
@@ -180,8 +181,11 @@ def test_optimize_packs_the_unet_where_the_table_says(monkeypatch, dtype):
     assert layers and all(isinstance(m, prepacked._Packed) for m in layers)
     assert not any(isinstance(m, prepacked._Packed) for m in pipe.vae.modules())
     seed = fresh_seed()
-    generate = lambda: pipe.txt2img("a red square on a blue background", steps=3, seed=seed,  # noqa: E731
-                                    output_type="tensor", progress=False).float()
+
+    def generate():
+        return pipe.txt2img("a red square on a blue background", steps=3, seed=seed,
+                            output_type="tensor", progress=False).float()
+
     packed_images = generate()
     prepacked.unpack(pipe.unet)
     stock_images = generate()
