@@ -210,3 +210,16 @@ def test_a_packed_unet_traces_as_one_graph():
     torch._dynamo.reset()
     compiled = torch.compile(unet, backend="aot_eager", fullgraph=True)(x, t, context)
     assert rel_error(compiled, eager) <= 1e-5
+
+
+def test_nothing_is_packed_off_x86(monkeypatch):
+    """ARM builds have oneDNN too (over ACL), unmeasured here: their layers stay stock."""
+    monkeypatch.setattr(prepacked.platform, "machine", lambda: "aarch64")
+    prepacked.available.cache_clear()
+    try:
+        layer = prepacked.prepack(nn.Linear(4, 4))
+    finally:
+        monkeypatch.undo()
+        prepacked.available.cache_clear()  # the next call sees this machine again
+    assert type(layer) is nn.Linear
+    assert prepacked.available()

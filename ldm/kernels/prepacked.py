@@ -28,9 +28,10 @@ take (string padding, non-zero padding modes, 3-D conv inputs) run the stock for
 The cost is memory: the packed copies double the packed network's weights (SD 1.5's U-Net:
 +1.7 GB in bf16, +3.4 GB in float32), which is why precision.optimize packs only where it
 says. The ops are PyTorch's own (`torch.ops.mkldnn`, what torch.compile's CPU backend emits
-after freezing); `prepack` packs nothing on a build without them.
+after freezing); `prepack` packs nothing on a build without them or off x86.
 """
 import functools
+import platform
 import weakref
 
 import torch
@@ -40,8 +41,10 @@ from torch import nn
 
 @functools.cache
 def available():
-    """True if this torch build has oneDNN's packed conv/linear ops (x86 and ARM CPU builds)."""
-    return (torch.backends.mkldnn.is_available()
+    """True on an x86 CPU whose torch build has oneDNN's packed conv/linear ops (ARM builds
+    have oneDNN too, over ACL: unmeasured here, so not packed)."""
+    return (platform.machine().lower() in ("x86_64", "amd64")
+            and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
