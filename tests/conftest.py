@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import helpers  # noqa: E402  (imports ldm: after the path and the switch above)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def float32_by_default():
@@ -36,3 +38,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_runtest_setup(item):
+    helpers.DRAWN.clear()  # before the test's fixtures draw theirs
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report names the seeds helpers.fresh_seed() gave it (setup included)."""
+    report = (yield).get_result()
+    if report.failed and helpers.DRAWN:
+        report.sections.append(("fresh seeds", f"helpers.fresh_seed() gave {helpers.DRAWN} in "
+                                "this test, in order"))

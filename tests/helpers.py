@@ -52,11 +52,18 @@ def randomize_(module, seed):
     return module
 
 
+# The seeds fresh_seed() gave in the running test: conftest.py prints them when it fails, so
+# that a failure seen once can be run again with the same inputs.
+DRAWN = []
+
+
 def fresh_seed():
     """A seed drawn anew at each run, so that every run checks other random inputs: from the
     OS, since torch's global generator is seeded by some tests (torch.manual_seed(0)) and would
-    give every later test of the run the same "fresh" seed."""
-    return secrets.randbelow(1 << 30)
+    give every later test of the run the same "fresh" seed. Recorded in DRAWN."""
+    seed = secrets.randbelow(1 << 30)
+    DRAWN.append(seed)
+    return seed
 
 
 def rel_error(out, ref):
