@@ -35,7 +35,6 @@ import platform
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -143,7 +142,7 @@ class PackedLinear(_Packed, nn.Linear):
     def forward(self, x):
         packed = self._packed_weight(x) if x.ndim >= 2 else None
         if packed is None:
-            return F.linear(x, self.weight, self.bias)
+            return super().forward(x)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
     def _pack(self, weight, x):
