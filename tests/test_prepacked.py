@@ -173,25 +173,40 @@ def test_other_devices_and_compiling_take_the_stock_path(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_optimize_packs_the_unet_where_the_table_says(monkeypatch, dtype):
-    """precision.optimize packs the networks in PREPACK_CPU (here forced to the U-Net in dtype):
-    the shipped model's images are those of the unpacked model, to rounding."""
+    """precision.optimize packs the networks in PREPACK_CPU (here forced to the U-Net in dtype).
+    The shipped model's U-Net gives the unpacked one's output to rounding, and its images are
+    the unpacked model's to a small fraction of one 8-bit level. The images' relative error is
+    not held to 1e-5: packing changes the summation order of every layer, and three sampler
+    steps and the decoder amplify that by up to ~20× at some seeds (2.1e-5 seen at seed
+    881674780 in float32; 1e-7 relative jitter of the stock weights gives 7e-6 there)."""
     monkeypatch.setattr(precision, "PREPACK_CPU", frozenset({("unet", dtype)}))
     pipe = ldm.load(dtype=dtype)
     layers = [m for m in pipe.unet.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert layers and all(isinstance(m, prepacked._Packed) for m in layers)
     assert not any(isinstance(m, prepacked._Packed) for m in pipe.vae.modules())
     seed = fresh_seed()
+    generator = torch.Generator().manual_seed(seed)
+    config = pipe.unet.config
+    x = torch.randn(2, config.in_channels, 16, 16, generator=generator).to(dtype)
+    t = torch.randint(0, 1000, (2,), generator=generator)
+    context = torch.randn(2, 7, config.context_dim, generator=generator).to(dtype)
 
-    def generate():
-        return pipe.txt2img("a red square on a blue background", steps=3, seed=seed,
-                            output_type="tensor", progress=False).float()
+    @torch.no_grad()
+    def run():
+        images = pipe.txt2img("a red square on a blue background", steps=3, seed=seed,
+                              output_type="tensor", progress=False)
+        return pipe.unet(x, t, context).double(), images.double()
 
-    packed_images = generate()
+    packed_out, packed_images = run()
     prepacked.unpack(pipe.unet)
-    stock_images = generate()
-    error = rel_error(packed_images, stock_images)
-    print(f"seed {seed}, {dtype}: packed vs stock images {error:.1e}")
+    stock_out, stock_images = run()
+    error = rel_error(packed_out, stock_out)
+    # output_type="tensor" is in [-1, 1]: 2 units span the 255 levels of an 8-bit image
+    worst = (packed_images - stock_images).abs().max().item() * 255 / 2
+    print(f"seed {seed}, {dtype}: packed vs stock U-Net {error:.1e}, images max {worst:.3f}/255 "
+          f"(relative {rel_error(packed_images, stock_images):.1e})")
     assert error <= (1e-5 if dtype == torch.float32 else 2e-2)
+    assert worst <= (0.1 if dtype == torch.float32 else 4)
     monkeypatch.setattr(precision, "PREPACK_CPU", frozenset())
     pipe = ldm.load(dtype=dtype)
     assert not any(isinstance(m, prepacked._Packed) for m in pipe.unet.modules())
