@@ -185,7 +185,7 @@ def save_training_checkpoint(path, state):
 
 def load_training_checkpoint(path, ema_decay=None):
     """Read a checkpoint written by `save_training_checkpoint` back into a TrainingState."""
-    pipe = load(path, use_ema=False)
+    pipe = load(path, use_ema=False, dtype=torch.float32)  # the weights train in float32
     contents = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     tensors = contents["state_dict"]
     stored_decay = tensors["model_ema.decay"].item()
