@@ -60,6 +60,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     uncond_prob: float = 0.1
     min_snr_gamma: float | None = None  # Min-SNR-γ loss weights (γ = 5 in the paper); None: SD's
+    # t = ⌊T · u^p⌋, u ~ U(0, 1): p = 1 is SD's uniform t; p > 1 trains the low-noise steps
+    # more often (p = 2: t < 100 a third of the time instead of a tenth).
+    timestep_power: float = 1.0
     ema_decay: float = 0.999
     seed: int = 0
     checkpoint_every: int = 500
@@ -76,10 +79,22 @@ class TrainConfig:
             raise ValueError(f"grad_accum must be a positive int, got {self.grad_accum!r}")
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
             raise ValueError(f"min_snr_gamma must be > 0 (or None), got {self.min_snr_gamma!r}")
+        if not self.timestep_power > 0:
+            raise ValueError(f"timestep_power must be > 0, got {self.timestep_power!r}")
 
     @property
     def total_steps(self):
         return self.vae_steps + self.steps
+
+
+def draw_timesteps(batch, num_timesteps, power, generator):
+    """(batch,) int64 training timesteps t = ⌊T · u^power⌋, u ~ U(0, 1), T = num_timesteps.
+    power 1 draws them uniformly, as SD (with torch.randint, so the shipped recipe's draws stay
+    those it was trained with)."""
+    if power == 1:
+        return torch.randint(0, num_timesteps, (batch,), generator=generator)
+    u = torch.rand(batch, generator=generator, dtype=torch.float64)
+    return (u.pow(power) * num_timesteps).long().clamp(max=num_timesteps - 1)
 
 
 # The autocast dtype of each `precision` (None: none, fp32 throughout).
@@ -297,7 +312,7 @@ class Trainer:
         generator, batch, pieces = self._batch(step, c.batch)
         shape = self._latent_shape(batch)
         dropped = torch.rand(c.batch, generator=generator) < c.uncond_prob
-        t = torch.randint(0, len(pipe.alphas_cumprod), (c.batch,), generator=generator)
+        t = draw_timesteps(c.batch, len(pipe.alphas_cumprod), c.timestep_power, generator)
         noise = torch.randn(shape, generator=generator)
         posterior_noise = torch.randn(shape, generator=generator)
         # A dropped caption is the empty one, encoded, for every kind: ldm's SD training did

@@ -211,8 +211,9 @@ def _relative(a, b):
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_gradient_accumulation_gives_the_batch_gradient(mode):
     """4 micro-batches of 1 give the gradient of one batch of 4 (the global batch is split,
-    not multiplied), to 1e-6: the LoRA's (text encoder included), or every U-Net and text
-    weight's."""
+    not multiplied), to 5e-6: the LoRA's (text encoder included), or every U-Net and text
+    weight's. (float32 sums each micro-batch's backward in another order: 3e-7 to 1.04e-6
+    seen on an AMX Xeon, where 1e-6 failed once.)"""
     seed = fresh_seed()
     lora = LoRAConfig(rank=2, text_encoder=True, conv_rank=2) if mode == "lora" else None
     extra = {} if lora else {"train_text_encoder": True}
@@ -222,7 +223,7 @@ def test_gradient_accumulation_gives_the_batch_gradient(mode):
     assert whole.keys() == pieces.keys()
     error = _relative(pieces, whole)
     print(f"{mode}: accumulated vs whole-batch gradient {error:.2e}")
-    assert error <= 1e-6
+    assert error <= 5e-6
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
@@ -365,6 +366,23 @@ def test_finetuning_ema_is_litema_of_the_steps():
     assert error <= 1e-6 and moved > 1e-4  # the EMA, not the raw weights
     text = pipe.text_encoder.state_dict()
     assert all(torch.equal(text[k], raw_text[k]) for k in text)
+
+
+def test_timesteps_are_sds_uniform_draws_or_skewed_to_low_noise():
+    """power 1: torch.randint's very draws (the shipped recipe's); power p: t = ⌊T u^p⌋, whose
+    P(t < k) = (k / T)^(1/p); never outside [0, T)."""
+    seed = fresh_seed()
+    uniform = training.draw_timesteps(64, 1000, 1.0, torch.Generator().manual_seed(seed))
+    assert torch.equal(uniform, torch.randint(0, 1000, (64,),
+                                              generator=torch.Generator().manual_seed(seed)))
+    for power in (0.5, 2.0, 3.0):
+        t = training.draw_timesteps(200_000, 1000, power, torch.Generator().manual_seed(seed))
+        assert t.dtype == torch.int64 and 0 <= t.min() and t.max() <= 999
+        for k in (10, 100, 500):
+            expected = (k / 1000) ** (1 / power)
+            assert abs((t < k).double().mean().item() - expected) < 0.005, (power, k)
+    with pytest.raises(ValueError, match="timestep_power must be > 0"):
+        training.TrainConfig(timestep_power=0.0)
 
 
 def test_train_config_refuses_bad_precision_and_accumulation():
