@@ -80,6 +80,29 @@ def check_eta(eta):
     return check_float("eta", eta, 0, 1, why="DDIM's η: 0 deterministic, 1 as DDPM")
 
 
+# The SD noise schedules have 1000 timesteps, 999 the noisiest; 1000 closes an interval at the top.
+TIMESTEPS = 1000
+
+
+def check_cfg_interval(interval):
+    """None (guidance at every step) or (low, high): guidance only at the steps whose timestep t
+    has low ≤ t ≤ high, 0 ≤ low < high ≤ 1000 (the schedule's timesteps; (200, 1000): all but
+    the last fifth of the noise schedule). Returned as a tuple of two floats."""
+    if interval is None:
+        return None
+    if isinstance(interval, (str, bytes)) or not isinstance(interval, (tuple, list)) \
+            or len(interval) != 2:
+        raise TypeError(f"cfg_interval must be None or a pair (low, high) of timesteps, got "
+                        f"{_describe(interval)}")
+    low, high = (check_float(f"cfg_interval[{i}]", value, 0, TIMESTEPS,
+                             why="a timestep of the noise schedule")
+                 for i, value in enumerate(interval))
+    if not low < high:
+        raise ValueError(f"cfg_interval must be (low, high) with low < high, got ({low:g}, "
+                         f"{high:g})")
+    return low, high
+
+
 def check_strength(strength):
     """img2img's strength, in (0, 1]: the share of the schedule re-run on the noised image
     (0 would run no step and return the input)."""

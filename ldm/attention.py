@@ -115,7 +115,9 @@ class AttentionStore:
     maps[name] lists one (B, H, N, M) tensor per call of that layer, or (B, N, M) averaged over
     heads with `average_heads` (H times less memory: SD 1.5's attn2 maps at 64×64 are 2.5 M
     numbers per head and image). With a sampler, call i of a layer is U-Net evaluation i; under
-    classifier-free guidance its batch is [unconditional; prompt]. The layer's output is
+    classifier-free guidance its batch is [unconditional; prompt], or the prompt's alone at the
+    steps a `cfg_interval` leaves unguided (the shipped model's below t = 200), so the prompt's
+    maps are the last B of every call. The layer's output is
     probs @ v, the default attention up to float rounding.
     """
 

@@ -149,6 +149,9 @@ def _add_common(sub):
                      "(default: the sampler's own; the σ samplers take any: "
                      + ", ".join(SCHEDULES) + ")")
     sub.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale; 1 = none")
+    sub.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                     help="guidance only at the timesteps from LOW to HIGH, the conditional "
+                     "prediction alone at the others (default: the model's; 0 1000: every step)")
     sub.add_argument("--eta", type=float, help="DDIM noise: 0 = deterministic")
     sub.add_argument("--rng", choices=RNGS, help="the numbers a seed gives: cpu (default; "
                      "torch's CPU generator, A1111's CPU) or nv (CUDA's torch.randn on any "
@@ -256,7 +259,8 @@ def execute(args):
 
 def _generate(pipe, args, seed, inputs):
     common = dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
-                  schedule=args.schedule, cfg_scale=args.cfg_scale, seed=seed,
+                  schedule=args.schedule, cfg_scale=args.cfg_scale,
+                  cfg_interval=args.cfg_interval, seed=seed,
                   num_images=args.num_images, eta=args.eta,
                   progress=False if args.no_progress else None,
                   prompt_syntax=args.prompt_syntax, emphasis=args.emphasis, rng=args.rng,
@@ -312,7 +316,8 @@ def check(args):
 
 # The options --from-png may fill: (PNG keyword, its default when neither gives it).
 FROM_PNG = {"prompt": None, "negative_prompt": "", "steps": None, "sampler": None,
-            "schedule": None, "cfg_scale": None, "seed": None, "height": None, "width": None,
+            "schedule": None, "cfg_scale": None, "cfg_interval": None, "seed": None,
+            "height": None, "width": None,
             "clip_skip": None, "prompt_syntax": "a1111", "emphasis": "original", "rng": "cpu",
             "pad_conds": True,
             "strength": 0.75, "eta": 0.0, "refiner_start": 0.8, "hires_scale": None,
@@ -426,10 +431,11 @@ def _check_values(args):
                          f"takes seed + i, below 2**64; leave --seed out for a random one), "
                          f"got {args.seed}")
     # The library's own rules (ldm.arguments), checked here before the load rather than after
-    floats = [("--eta", arguments.check_eta, args.eta),
+    checks = [("--eta", arguments.check_eta, args.eta),
               ("--strength", arguments.check_strength, getattr(args, "strength", None)),
-              ("--cfg-scale", arguments.check_cfg_scale, args.cfg_scale)]
-    for flag, check_value, value in floats:
+              ("--cfg-scale", arguments.check_cfg_scale, args.cfg_scale),
+              ("--cfg-interval", arguments.check_cfg_interval, args.cfg_interval)]
+    for flag, check_value, value in checks:
         if value is not None:
             try:
                 check_value(value)
@@ -555,6 +561,7 @@ def _parameters(pipe, args, size):
         "prompt": args.prompt, "negative_prompt": args.negative_prompt,
         "sampler": sampler.name, "schedule": schedule, "steps": str(args.steps or sampling.steps),
         "cfg_scale": str(args.cfg_scale if args.cfg_scale is not None else sampling.cfg_scale),
+        **_interval_parameter(args.cfg_interval or sampling.cfg_interval),
         "size": f"{size[0]}x{size[1]}", "model": ckpt.name, "model_sha256": sha256_file(ckpt),
         "command": args.command, "prompt_syntax": args.prompt_syntax, "emphasis": args.emphasis,
         "rng": args.rng, **({"strength": str(args.strength)} if args.command == "img2img" else {}),
@@ -569,6 +576,13 @@ def _parameters(pipe, args, size):
             "lora_hashes": ", ".join(f"{item.name}: {item.hash}" for item in args.loaded_loras)}
            if getattr(args, "loaded_loras", None) else {}),
     }
+
+
+def _interval_parameter(interval):
+    """The guidance interval's PNG text, "LOW-HIGH", when guidance skips some steps."""
+    if interval is None:
+        return {}
+    return {"cfg_interval": "-".join(map(str, arguments.check_cfg_interval(interval)))}
 
 
 def _hires_parameters(pipe, args):
@@ -598,6 +612,8 @@ def _with_seed(info, seed, index, loras=()):
             settings[name] = kind(info[name])
     if info.get("pad_conds") == "False":
         settings["pad_conds"] = False
+    if "cfg_interval" in info:
+        settings["cfg_interval"] = tuple(map(float, info["cfg_interval"].split("-")))
     for keyword, kind in (("hires_scale", float), ("hires_strength", float),
                           ("hires_steps", int), ("hires_upscale", str)):
         name = PNG_OPTIONS.get(keyword, keyword)  # info's key is the option's

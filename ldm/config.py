@@ -11,6 +11,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 
+from ldm.arguments import check_cfg_interval
 from ldm.models.clip_text import CLIP_TINY, CLIPTextConfig
 from ldm.models.open_clip_text import OPEN_CLIP_BIGG, OpenCLIPTextConfig
 from ldm.models.unet import (UNET_SD15_INPAINTING, UNET_SD21, UNET_SDXL, UNET_SDXL_REFINER,
@@ -27,10 +28,12 @@ SDXL_SCALE_FACTOR = 0.13025
 @dataclass(frozen=True)
 class SamplingDefaults:
     """What a model generates with when the caller does not say: the SD script's defaults, or
-    what a model card recommends."""
+    what a model card recommends. cfg_interval: (low, high) whole timesteps, guidance only
+    where low ≤ t ≤ high (`samplers.cfg`); None: at every step."""
     steps: int = 50
     sampler: str = "ddim"
     cfg_scale: float = 7.5
+    cfg_interval: tuple | None = None
 
 
 # The text encoder families, (config of `text`, config of `text_2`): SD 1.x's CLIP ViT-L/14,
@@ -92,6 +95,8 @@ class ModelConfig:
         raw = {**ADDED_FIELDS, **raw}
         if isinstance(raw.get("unet"), dict):
             raw["unet"] = {**ADDED_UNET_FIELDS, **raw["unet"]}
+        if isinstance(raw.get("sampling"), dict):
+            raw["sampling"] = {**ADDED_SAMPLING_FIELDS, **raw["sampling"]}
         encoder = raw["text_encoder"]
         if not isinstance(encoder, str) or encoder not in TEXT_CONFIGS:
             raise ConfigError("text_encoder", f"must be one of {list(TEXT_CONFIGS)}, got "
@@ -110,6 +115,7 @@ class ModelConfig:
 # them), with what those files meant; every other field must be in the file.
 ADDED_FIELDS = {"text_encoder": "clip", "prediction": "eps", "text_2": None}
 ADDED_UNET_FIELDS = {"middle_transformer_depth": None, "adm_in_channels": None}  # SDXL's
+ADDED_SAMPLING_FIELDS = {"cfg_interval": None}  # guidance at every step
 
 
 class ConfigError(ValueError):
@@ -286,6 +292,10 @@ def _check_sampling(s):
     except ValueError as e:
         raise ConfigError("sampling.sampler", str(e)) from None
     _positive("sampling.steps", s.steps, sampler.max_steps)
+    try:
+        check_cfg_interval(s.cfg_interval)
+    except (TypeError, ValueError) as e:
+        raise ConfigError("sampling.cfg_interval", str(e)) from None
 
 
 def _positive(name, value, limit=None):
@@ -327,7 +337,8 @@ TINY_SHAPES = ModelConfig(
     text=CLIPTextConfig(width=64, layers=2, heads=2),
     scale_factor=1.0,
     image_size=64,
-    sampling=SamplingDefaults(steps=25, sampler="ddpm", cfg_scale=3.0),
+    sampling=SamplingDefaults(steps=25, sampler="ddpm", cfg_scale=5.0,
+                              cfg_interval=(200, 1000)),
 )
 
 # SD 2.0 / 2.1: the same U-Net layout with 64-wide heads, OpenCLIP text, and either v-prediction

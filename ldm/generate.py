@@ -10,13 +10,13 @@ restartable. The way to make 10 000 images for an evaluation.
 Prompts: one per line (blank lines are skipped), or, in a file named *.jsonl, one JSON object
 per line: {"prompt": "a red circle", "steps": 10, "cfg_scale": 5, …}, the prompt plus any of
 txt2img's keyword arguments a file can hold (LINE_KEYS: negative_prompt, steps, sampler,
-schedule, cfg_scale, height, width, num_images, seed, eta; rng, clip_skip, prompt_syntax,
-emphasis, pad_conds, which reproducing AUTOMATIC1111's images takes; and the hires fix's
-hires_scale, hires_strength, hires_steps, hires_upscale). The command line's values are every
-line's defaults, txt2img's and the model's own (config.sampling, image_size) theirs; hires_*
-without a hires_scale is an error, as they would change nothing. A line that is no JSON
-object, an unknown key, or a value of the wrong type or range is a ValueError naming the file,
-the line and the key, raised before the model loads.
+schedule, cfg_scale, cfg_interval ([low, high]), height, width, num_images, seed, eta; rng,
+clip_skip, prompt_syntax, emphasis, pad_conds, which reproducing AUTOMATIC1111's images takes;
+and the hires fix's hires_scale, hires_strength, hires_steps, hires_upscale). The command line's
+values are every line's defaults, txt2img's and the model's own (config.sampling, image_size)
+theirs; hires_* without a hires_scale is an error, as they would change nothing. A line that is
+no JSON object, an unknown key, or a value of the wrong type or range is a ValueError naming the
+file, the line and the key, raised before the model loads.
 
 LoRAs: A1111's `<lora:name:m>` tags in a prompt merge the LoRA file `name` of --lora-dir
 (`lora_dir=`) while that prompt's images are made (ldm.lora.tags_applied), as txt2img does.
@@ -53,8 +53,8 @@ nor gloo is needed. On CUDA each process uses GPU LOCAL_RANK; on the CPU each ta
 cpu_count / LOCAL_WORLD_SIZE threads.
 
 Manifest: a record per image, {"file", "prompt", "negative_prompt", "seed", "prompt_index",
-"image", "line", "steps", "sampler", "schedule", "cfg_scale", "eta", "height", "width", "rng",
-"clip_skip", "prompt_syntax", "emphasis", "pad_conds", "hires_scale", "hires_strength",
+"image", "line", "steps", "sampler", "schedule", "cfg_scale", "cfg_interval", "eta", "height",
+"width", "rng", "clip_skip", "prompt_syntax", "emphasis", "pad_conds", "hires_scale", "hires_strength",
 "hires_steps", "hires_upscale", "lora_hashes", "model", "model_sha256"} (the prompt as written,
 tags included; height and width are the first pass's under a hires fix, as A1111 writes them;
 a record written before a key existed reads as that key's default, RECORD_DEFAULTS). Each
@@ -91,12 +91,13 @@ HIRES_KEYS = ("hires_scale", "hires_strength", "hires_steps", "hires_upscale")
 PROMPT_KEYS = ("clip_skip", "prompt_syntax", "emphasis", "pad_conds")  # how a prompt is read
 # txt2img's keyword arguments that a prompts file can hold (tests/test_generate.py checks that
 # txt2img takes each); the others are objects, not values.
-LINE_KEYS = ("negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "height", "width",
-             "num_images", "seed", "eta", "rng", *PROMPT_KEYS, *HIRES_KEYS)
+LINE_KEYS = ("negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "cfg_interval",
+             "height", "width", "num_images", "seed", "eta", "rng", *PROMPT_KEYS, *HIRES_KEYS)
 # Record keys added after the first release, with the value a record without them meant: an
 # image made before is no other image for lacking them.
 RECORD_DEFAULTS = {"rng": "cpu", "clip_skip": None, "prompt_syntax": "a1111",
-                   "emphasis": "original", "pad_conds": True, **dict.fromkeys(HIRES_KEYS)}
+                   "emphasis": "original", "pad_conds": True, **dict.fromkeys(HIRES_KEYS),
+                   "cfg_interval": None}
 NOT_IN_FILES = ("generator", "latents", "output_type", "callback", "progress", "refiner")
 RECORD_KEY = "ldm_generate"  # the PNG text chunk holding an image's record
 SEED_END = 2**64             # torch.Generator.manual_seed takes seeds in [0, 2**64)
@@ -191,6 +192,8 @@ def check_option(key, value, name):
     try:
         if key == "cfg_scale":
             return arguments.check_cfg_scale(value)
+        if key == "cfg_interval":
+            return arguments.check_cfg_interval(value)
         if key == "eta":
             return arguments.check_eta(value)
         if key == "hires_scale":
@@ -230,7 +233,8 @@ class Job:
         """What makes this image, as the manifest and its PNG hold it."""
         return {"file": self.file, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
                 "seed": self.seed, "prompt_index": self.prompt_index, "image": self.image,
-                "line": self.line, **dict(self.settings),
+                "line": self.line,
+                **{key: list(v) if isinstance(v, tuple) else v for key, v in self.settings},
                 "lora_hashes": ", ".join(f"{tag.name}: {h}" for tag, h in self.loras) or None,
                 "model": model, "model_sha256": model_sha256}
 
@@ -318,10 +322,12 @@ def _settings(pipe, options, where):
         raise ValueError(f"{where}: {e}") from e
     return {"steps": steps, "sampler": entry.name, "schedule": schedule,
             "cfg_scale": options.get("cfg_scale", sampling.cfg_scale),
+            "cfg_interval": arguments.check_cfg_interval(options.get("cfg_interval",
+                                                                     sampling.cfg_interval)),
             "eta": options.get("eta", 0.0), "height": options.get("height", size),
             "width": options.get("width", size),
             **{key: options.get(key, default) for key, default in RECORD_DEFAULTS.items()
-               if key not in HIRES_KEYS},
+               if key not in HIRES_KEYS and key != "cfg_interval"},
             **upscaling}
 
 
@@ -583,6 +589,8 @@ def add_arguments(parser):
         "one of " + ", ".join(samplers.SAMPLERS))
     add("--schedule", choices=samplers.SCHEDULES, help="default: the sampler's")
     add("--cfg-scale", type=float, help="classifier-free guidance scale (default: the model's)")
+    add("--cfg-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), help="guidance only at "
+        "the timesteps from LOW to HIGH (default: the model's; 0 1000: every step)")
     add("--eta", type=float, help="DDIM noise (default 0)")
     add("--height", type=int, help="image height (default: the model's native size)")
     add("--width", type=int, help="image width (default: the model's native size)")

@@ -214,10 +214,13 @@ def accepts(image, prompt):
 def evaluate(pipe, prompts, *, samples=8, seed=0, **sampling):
     """Draw `samples` images per prompt with `pipe.txt2img` and judge each one.
 
-    sampling: steps, sampler, cfg_scale (default: the model's). Returns a list of
-    (prompt, {attribute: satisfied}), one per image.
+    seed: which block of n = len(prompts) × samples image seeds, image i taking s·n + i, so that
+    two seeds never share a noise (with s + i, seeds 0 and 1 would share 7 of every prompt's
+    8). sampling: steps, sampler, cfg_scale, cfg_interval (default: the model's). Returns a
+    list of (prompt, {attribute: satisfied}), one per image.
     """
-    images = pipe.txt2img([p.caption for p in prompts], num_images=samples, seed=seed,
+    first = seed * len(prompts) * samples
+    images = pipe.txt2img([p.caption for p in prompts], num_images=samples, seed=first,
                           height=IMAGE_SIZE, width=IMAGE_SIZE, output_type="tensor",
                           progress=False, **sampling)
     repeated = [p for p in prompts for _ in range(samples)]  # txt2img's order: prompt-major
@@ -232,8 +235,10 @@ def accuracy(results):
     return scores
 
 
-def _report(pipe, split, samples, cfg_scale, seed, world=shapes.DEFAULT, **sampling):
-    """Markdown table: per family, with and without guidance, per attribute and overall."""
+def _report(pipe, split, samples, cfg_scale, seed, world=shapes.DEFAULT, cfg_interval=None,
+            **sampling):
+    """Markdown table: per family, with and without guidance, per attribute and overall.
+    cfg_interval: the guided rows' (None: every step)."""
     pick = world.held_out_prompts if split == "held-out" else world.training_prompts
     header = "| family | prompts × samples | guidance | colour | shape | background | position | all |"
     lines = [header, "|" + "---|" * 8]
@@ -244,16 +249,19 @@ def _report(pipe, split, samples, cfg_scale, seed, world=shapes.DEFAULT, **sampl
             continue
         for scale in (1.0, cfg_scale):
             results = evaluate(pipe, prompts, samples=samples, seed=seed, cfg_scale=scale,
-                               **sampling)
+                               cfg_interval=cfg_interval or (0, 1000), **sampling)
             totals.setdefault(scale, []).extend(results)
-            lines.append(_row(family, f"{len(prompts)} × {samples}", scale, accuracy(results)))
+            lines.append(_row(family, f"{len(prompts)} × {samples}", scale, accuracy(results),
+                              cfg_interval))
     for scale, results in totals.items():
-        lines.append(_row("**all**", str(len(results)), scale, accuracy(results)))
+        lines.append(_row("**all**", str(len(results)), scale, accuracy(results), cfg_interval))
     return "\n".join(lines)
 
 
-def _row(family, count, scale, scores):
+def _row(family, count, scale, scores, cfg_interval=None):
     guidance = "none (1.0)" if scale == 1.0 else f"{scale:g}"
+    if scale != 1.0 and cfg_interval is not None:
+        guidance += " at t {:g}–{:g}".format(*cfg_interval)
     cells = [f"{100 * scores[a]:.1f}" if a in scores else "–" for a in (*ATTRIBUTES, "all")]
     return f"| {family} | {count} | {guidance} | " + " | ".join(cells) + " |"
 
@@ -272,6 +280,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--sampler", choices=sampler_names(), help="default: the model's")
     p.add_argument("--cfg-scale", type=float, help="guidance scale (default: the model's)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="guidance only at timesteps LOW to HIGH (default: the model's; "
+                   "0 1000: every step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world", default="shapes", help="whose prompts: 'shapes' (the default "
                    "world), or a larger one, 'shapes+purple+star' (ldm.data.shapes.world)")
@@ -291,8 +302,9 @@ def main(argv=None):
     if args.lora:
         pipe.load_lora(args.lora, args.lora_multiplier)
     scale = pipe.config.sampling.cfg_scale if args.cfg_scale is None else args.cfg_scale
+    interval = args.cfg_interval or pipe.config.sampling.cfg_interval
     print(_report(pipe, args.split, args.samples, scale, args.seed, world, steps=args.steps,
-                  sampler=args.sampler))
+                  sampler=args.sampler, cfg_interval=interval))
 
 
 if __name__ == "__main__":

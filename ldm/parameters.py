@@ -19,6 +19,8 @@ entry only when it differs from its default.
 
 How each entry maps to the task keywords:
     Steps, CFG scale, Seed       steps, cfg_scale, seed
+    CFG interval: LOW-HIGH       cfg_interval=(LOW, HIGH), guidance only at those timesteps
+                                 (ldm's own entry; absent: the model's default)
     Size: WxH                    width, height
     Sampler [+ Schedule type]    sampler, schedule (samplers.registry.from_a1111: "DPM++ 2M Karras"
                                  of A1111 < 1.9, or "DPM++ 2M" + "Schedule type: Karras")
@@ -77,6 +79,7 @@ from dataclasses import dataclass, field
 
 from ldm.hires import UPSCALERS
 from ldm.lora import prompt_loras
+from ldm.arguments import check_cfg_interval
 from ldm.rng import check_rng
 from ldm.samplers.registry import a1111_names, from_a1111, resolve
 
@@ -283,6 +286,9 @@ def _keywords(prompt, negative, entries):
     _pad_conds(entries, kwargs, used, unsupported, from_ldm)
     _noise_options(entries, kwargs, used, unsupported, entry)
     _hires_options(entries, kwargs, used, unsupported)
+    if "CFG interval" in entries:
+        used.add("CFG interval")
+        kwargs["cfg_interval"] = _interval("CFG interval", entries["CFG interval"])
     if "Refiner switch at" in entries:
         used.add("Refiner switch at")
         kwargs["refiner_start"] = _number("Refiner switch at", entries["Refiner switch at"],
@@ -455,6 +461,17 @@ def _number(key, text, low=-math.inf, high=math.inf):
     return value
 
 
+def _interval(key, text):
+    match = re.fullmatch(r"([^-]+)-([^-]+)", text)
+    if match is None:
+        raise ValueError(f"parameters: {key}: {text!r} is not LOW-HIGH in timesteps")
+    low, high = _number(key, match[1]), _number(key, match[2])
+    try:
+        return check_cfg_interval((low, high))
+    except ValueError as e:
+        raise ValueError(f"parameters: {key}: {e}") from None
+
+
 def _size(text):
     match = re.fullmatch(r"(\d+)x(\d+)", text)
     if match is None or 0 in (int(match[1]), int(match[2])):
@@ -463,12 +480,13 @@ def _size(text):
 
 
 # ------------------------------------------------------------------------------------ writing
-SETTINGS = {"prompt", "negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "seed",
+SETTINGS = {"prompt", "negative_prompt", "steps", "sampler", "schedule", "cfg_scale",
+            "cfg_interval", "seed",
             "width", "height", "clip_skip", "prompt_syntax", "emphasis", "strength", "eta",
             "rng", "refiner_start", "hires_scale", "hires_strength", "hires_steps",
             "hires_upscale", "pad_conds"}
 # A1111's order of the entries (processing.py create_infotext); info's others follow.
-ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
+ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "CFG interval", "Seed", "Size", "Model hash", "Model",
          "VAE hash", "VAE", "Denoising strength", "Clip skip", "RNG", "Eta DDIM", "Refiner",
          "Refiner switch at", "Emphasis", "Pad conds", "Hires upscale", "Hires steps",
          "Hires upscaler")
@@ -478,7 +496,7 @@ LAST = ("Lora hashes", "Version")
 def format_parameters(settings, *, loras=(), info=None):
     """The A1111 "parameters" text of `settings` (the task keywords of `Parameters.kwargs`:
     prompt, negative_prompt, steps, sampler, schedule, cfg_scale, seed, width, height and the
-    optional clip_skip, prompt_syntax, emphasis, pad_conds, strength, eta, rng,
+    optional cfg_interval, clip_skip, prompt_syntax, emphasis, pad_conds, strength, eta, rng,
     refiner_start, and the
     hires_* of txt2img's hires fix, whose width and height are the first pass's), the
     LoRAs merged (`lora.Loaded` or `LoRATag`: name, multiplier, text_multiplier, and a
@@ -537,6 +555,9 @@ def _settings_entries(settings, info, loras):
                       ("Denoising strength", "strength"), ("Clip skip", "clip_skip")):
         if settings.get(name) is not None:
             entries[key] = _text(settings[name])
+    if settings.get("cfg_interval") is not None:
+        low, high = check_cfg_interval(settings["cfg_interval"])
+        entries["CFG interval"] = f"{_short(low)}-{_short(high)}"
     entries.update(_hires_entries(settings))
     if "width" in settings or "height" in settings:
         if settings.get("width") is None or settings.get("height") is None:

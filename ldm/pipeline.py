@@ -347,12 +347,15 @@ class StableDiffusion(nn.Module):
         return dict(options)
 
     # ---------------------------------------------------------------- the sampling loop
-    def denoise(self, x, cond, uncond, timesteps, *, sampler="ddim", cfg_scale=7.5, eta=0.0,
-                generator=None, callback=None, progress=None, refiner=None):
+    def denoise(self, x, cond, uncond, timesteps, *, sampler="ddim", cfg_scale=7.5,
+                cfg_interval=None, eta=0.0, generator=None, callback=None, progress=None,
+                refiner=None):
         """Run `sampler` from x at timesteps[0] through every timestep; returns the final latent.
 
         x: (B, 4, h, w) noisy latents; cond, uncond: conditioning dicts (`encode_prompt`);
         timesteps: descending (`samplers.timesteps`); sampler: a name or a `samplers.Sampler`;
+        cfg_interval: (low, high), guidance only at the steps with low ≤ t ≤ high, the
+        conditional prediction alone at the others (`samplers.cfg`); None: at every step.
         eta: DDIM's η. generator: for the samplers that draw noise at every step, one
         generator for the batch or a list of B, one per image (the tasks pass one per image).
         Noise is drawn where its generator is and then moved (`rng.draw`): the tasks' CPU
@@ -364,11 +367,12 @@ class StableDiffusion(nn.Module):
         """
         # The tasks have checked these already; denoise is also called on its own.
         cfg_scale, eta = arguments.check_cfg_scale(cfg_scale), arguments.check_eta(eta)
+        cfg_interval = arguments.check_cfg_interval(cfg_interval)
         arguments.check_hooks(callback, progress)
         entry = _sampler_entry(sampler)
-        eps_fn = self._guided(cond, uncond, cfg_scale)
+        eps_fn = self._guided(cond, uncond, cfg_scale, cfg_interval)
         if refiner is not None:
-            eps_fn = refiner.experts(eps_fn, cfg_scale)
+            eps_fn = refiner.experts(eps_fn, cfg_scale, cfg_interval)
         options = {"eta": eta} if entry.takes_eta else {}
         if entry.noisy:
             options["generator"] = generator
@@ -378,12 +382,12 @@ class StableDiffusion(nn.Module):
         return entry.sample(eps_fn, x, timesteps, self.alphas_cumprod, callback=callback,
                             **options)
 
-    def _guided(self, cond, uncond, cfg_scale):
+    def _guided(self, cond, uncond, cfg_scale, cfg_interval=None):
         """eps_fn(x, t): this model's guided noise prediction (v converted to ε)."""
         model = self._network()
         if self.config.prediction == "v":
             model = samplers.eps_from_v(model, self.alphas_cumprod)
-        return samplers.cfg(model, cond, uncond, cfg_scale)
+        return samplers.cfg(model, cond, uncond, cfg_scale, cfg_interval)
 
     def _network(self):
         """The U-Net as the samplers' model, (x, t, cond) -> ε (or v); replayed from CUDA graphs
@@ -400,8 +404,8 @@ class StableDiffusion(nn.Module):
     @_lora_tags_applied
     @torch.inference_mode()
     def txt2img(self, prompt, *, negative_prompt="", steps=None, sampler=None, schedule=None,
-                cfg_scale=None, height=None, width=None, num_images=1, seed=None,
-                generator=None, rng="cpu", latents=None, eta=0.0, output_type="pil",
+                cfg_scale=None, cfg_interval=None, height=None, width=None, num_images=1,
+                seed=None, generator=None, rng="cpu", latents=None, eta=0.0, output_type="pil",
                 callback=None, progress=None, refiner=None, refiner_start=0.8, hires_scale=None,
                 hires_strength=hires.DEFAULT_STRENGTH, hires_steps=None, hires_upscale="latent",
                 **conditioning):
@@ -411,15 +415,19 @@ class StableDiffusion(nn.Module):
         prompt / negative_prompt: a string or a list (one per prompt), num_images per prompt.
         sampler: a name in `samplers.SAMPLERS` ("ddim", "euler_a", "dpmpp_2m", …; "…_karras"
         names the schedule too); schedule: one of `samplers.SCHEDULES` ("karras", …; default:
-        the sampler's). steps, sampler and cfg_scale default to the model's `config.sampling`
-        (SD: 50, DDIM, 7.5), height/width to its native size. `seed` fixes the noise: image i
-        of the batch (prompt-major) is exactly the image of seed + i alone, its noise drawn
-        from a generator of its own (`_generators`: also what a CPU `generator`, or a list of
-        one per image, means). The starting noise is drawn on the CPU in float32, then moved,
-        so a seed means the same start on any device; `latents` (B, 4, h, w) gives it
+        the sampler's). cfg_interval: (low, high), classifier-free guidance only at the steps
+        whose timestep t has low ≤ t ≤ high (0 ≤ low < high ≤ 1000), the conditional prediction
+        alone (one U-Net batch, not two) at the others: "guidance in a limited interval"
+        (`samplers.cfg`); (0, 1000) is every step. steps, sampler, cfg_scale and cfg_interval
+        default to the model's `config.sampling` (SD: 50, DDIM, 7.5, every step; the shipped
+        model: 25, DDPM, 5, (200, 1000)), height/width to its native size. `seed` fixes the
+        noise: image i of the batch (prompt-major) is exactly the image of seed + i alone, its
+        noise drawn from a generator of its own (`_generators`: also what a CPU `generator`, or
+        a list of one per image, means). The starting noise is drawn on the CPU in float32, then
+        moved, so a seed means the same start on any device; `latents` (B, 4, h, w) gives it
         explicitly. rng: the numbers a seed gives, "cpu" (torch's CPU generator, A1111's "CPU")
-        or "nv" (CUDA's torch.randn, computed on the CPU: A1111's "NV", and its default "GPU"
-        on an NVIDIA card; `ldm.rng`).
+        or "nv" (CUDA's torch.randn, computed on the CPU: A1111's "NV", and its default "GPU" on
+        an NVIDIA card; `ldm.rng`).
         eta, callback, progress: see `denoise`.
         refiner: an SDXL refiner (`ldm.load("sd_xl_refiner_1.0.safetensors")`) that takes over
         the steps after the share `refiner_start` of the noise schedule (0.8: the last 20 %,
@@ -447,7 +455,7 @@ class StableDiffusion(nn.Module):
         seed, latents = arguments.check_seed(seed), arguments.check_latents(latents)
         check_rng(rng)
         arguments.check_hooks(callback, progress)
-        plan = self._plan(steps, sampler, schedule, cfg_scale, eta, output_type)
+        plan = self._plan(steps, sampler, schedule, cfg_scale, cfg_interval, eta, output_type)
         h, w = self._latent_size(height, width)
         size = self._image_size(h, w)
         own, refiner_options = _split_conditioning(self, refiner, conditioning)
@@ -457,8 +465,8 @@ class StableDiffusion(nn.Module):
             if refiner is not None:
                 raise ValueError("hires_scale with a refiner is not supported yet: run the "
                                  "refiner on the result (refiner.img2img)")
-            second = self._hires_plan(upscaling, size, steps, sampler, schedule, cfg_scale, eta,
-                                      output_type)
+            second = self._hires_plan(upscaling, size, steps, sampler, schedule, cfg_scale,
+                                      cfg_interval, eta, output_type)
             second_inputs = self._conditioning_inputs("txt2img", own, *second.size)
             self._check_memory(prompt, num_images, self._latent_size(*second.size))
         handoff = None
@@ -487,15 +495,16 @@ class StableDiffusion(nn.Module):
                              progress)
         return self._output(z, output_type)
 
-    def _hires_plan(self, upscaling, size, steps, sampler, schedule, cfg_scale, eta,
-                    output_type):
+    def _hires_plan(self, upscaling, size, steps, sampler, schedule, cfg_scale, cfg_interval,
+                    eta, output_type):
         """The second pass of a hires fix: its pixel size, its plan (the first's settings on
         A1111's longer schedule) and the tail of timesteps it runs."""
         target = upscaling.target_size(*size, self.vae.config.downsampling_factor)
         run = upscaling.steps or (self.config.sampling.steps if steps is None else steps)
         total, run = hires.second_pass_steps(run, upscaling.strength)
         try:
-            plan = self._plan(total, sampler, schedule, cfg_scale, eta, output_type)
+            plan = self._plan(total, sampler, schedule, cfg_scale, cfg_interval, eta,
+                              output_type)
         except ValueError as e:
             raise ValueError(f"hires_steps / hires_strength: the second pass runs {run} steps of "
                              f"a schedule of {total} (steps / strength, as A1111): {e}") from e
@@ -504,8 +513,8 @@ class StableDiffusion(nn.Module):
     @_lora_tags_applied
     @torch.inference_mode()
     def img2img(self, image, prompt, *, strength=0.75, negative_prompt="", steps=None,
-                sampler=None, schedule=None, cfg_scale=None, num_images=1, seed=None,
-                generator=None, rng="cpu", eta=0.0, output_type="pil", callback=None,
+                sampler=None, schedule=None, cfg_scale=None, cfg_interval=None, num_images=1,
+                seed=None, generator=None, rng="cpu", eta=0.0, output_type="pil", callback=None,
                 progress=None, **conditioning):
         """Re-imagine `image` (PIL, list, or (B, 3, H, W) in [-1, 1]) following `prompt`.
 
@@ -519,7 +528,7 @@ class StableDiffusion(nn.Module):
         check_rng(rng)
         arguments.check_hooks(callback, progress)
         self._require_plain_unet("img2img")
-        plan = self._plan(steps, sampler, schedule, cfg_scale, eta, output_type)
+        plan = self._plan(steps, sampler, schedule, cfg_scale, cfg_interval, eta, output_type)
         size = self._latent_size(*image_shape(image)[1:])
         inputs = self._conditioning_inputs("img2img", conditioning, *self._image_size(*size))
         self._check_memory(prompt, num_images, size)
@@ -545,9 +554,9 @@ class StableDiffusion(nn.Module):
     @_lora_tags_applied
     @torch.inference_mode()
     def inpaint(self, image, mask, prompt, *, negative_prompt="", steps=None, sampler=None,
-                schedule=None, cfg_scale=None, num_images=1, seed=None, generator=None,
-                rng="cpu", eta=0.0, output_type="pil", callback=None, progress=None,
-                **conditioning):
+                schedule=None, cfg_scale=None, cfg_interval=None, num_images=1, seed=None,
+                generator=None, rng="cpu", eta=0.0, output_type="pil", callback=None,
+                progress=None, **conditioning):
         """Repaint the white part of `mask` in `image` following `prompt`.
 
         With an inpainting checkpoint (9 input channels) the U-Net sees the mask and the
@@ -559,7 +568,7 @@ class StableDiffusion(nn.Module):
         seed = arguments.check_seed(seed)
         check_rng(rng)
         arguments.check_hooks(callback, progress)
-        plan = self._plan(steps, sampler, schedule, cfg_scale, eta, output_type)
+        plan = self._plan(steps, sampler, schedule, cfg_scale, cfg_interval, eta, output_type)
         image_size, mask_size = image_shape(image)[1:], image_shape(mask, name="mask")[1:]
         if mask_size != image_size:
             raise ValueError(f"mask size {tuple(mask_size)} differs from image size "
@@ -590,7 +599,7 @@ class StableDiffusion(nn.Module):
         return self._output(z, output_type)
 
     # ---------------------------------------------------------------- helpers
-    def _plan(self, steps, sampler, schedule, cfg_scale, eta, output_type):
+    def _plan(self, steps, sampler, schedule, cfg_scale, cfg_interval, eta, output_type):
         """The sampling settings, the model's defaults filled in, checked before any work."""
         defaults = self.config.sampling
         arguments.check_optional("schedule", schedule, str, f"one of {', '.join(samplers.SCHEDULES)}")
@@ -603,9 +612,11 @@ class StableDiffusion(nn.Module):
         _check_choice("output_type", output_type, OUTPUT_TYPES)
         cfg_scale = arguments.check_cfg_scale(defaults.cfg_scale if cfg_scale is None
                                               else cfg_scale)
+        cfg_interval = arguments.check_cfg_interval(defaults.cfg_interval if cfg_interval is None
+                                                    else cfg_interval)
         eta = arguments.check_eta(eta)
         return _Plan(entry, samplers.timesteps(entry, schedule, steps, self.alphas_cumprod),
-                     cfg_scale, eta)
+                     cfg_scale, cfg_interval, eta)
 
     def _output(self, latents, output_type):
         if output_type == "latent":
@@ -704,9 +715,9 @@ class Handoff:
     def conditioned(self, cond, uncond):
         return Handoff(self.pipe, self.boundary, cond, uncond)
 
-    def experts(self, base_eps, cfg_scale):
+    def experts(self, base_eps, cfg_scale, cfg_interval=None):
         """eps_fn(x, t): the base's `base_eps` at t ≥ boundary, the refiner's below."""
-        refiner_eps = self.pipe._guided(self.cond, self.uncond, cfg_scale)
+        refiner_eps = self.pipe._guided(self.cond, self.uncond, cfg_scale, cfg_interval)
 
         def eps_fn(x, t):
             return (base_eps if float(t[0]) >= self.boundary else refiner_eps)(x, t)
@@ -732,15 +743,17 @@ def _split_conditioning(base, refiner, options):
 @dataclass(frozen=True)
 class _Plan:
     """A task's sampling settings: the sampler, the timesteps of the whole schedule (img2img
-    runs a tail of them), guidance scale and DDIM's η."""
+    runs a tail of them), guidance scale and interval, and DDIM's η."""
     sampler: samplers.Sampler
     timesteps: torch.Tensor
     cfg_scale: float
+    cfg_interval: tuple | None
     eta: float
 
     def options(self, generator, callback, progress):
         """denoise's keyword arguments."""
-        return dict(sampler=self.sampler, cfg_scale=self.cfg_scale, eta=self.eta,
+        return dict(sampler=self.sampler, cfg_scale=self.cfg_scale,
+                    cfg_interval=self.cfg_interval, eta=self.eta,
                     generator=generator, callback=callback, progress=progress)
 
 

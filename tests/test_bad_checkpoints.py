@@ -256,6 +256,10 @@ BAD_FIELDS = [  # (field, value) -> the field named in the error, and how
     ("sampling.sampler", "nope", "sampler"),
     ("sampling.steps", 0, "must be in [1, 1000]"),
     ("sampling.cfg_scale", "7.5", "must be float"),
+    ("sampling.cfg_interval", [300, 200], "low < high, got (300, 200)"),
+    ("sampling.cfg_interval", [0, 2000], "cfg_interval[1] must be in [0, 1000]"),
+    ("sampling.cfg_interval", [200], "must be None or a pair (low, high)"),
+    ("sampling.cfg_interval", [200.5, 1000], "must be a list of integers or null"),
 ]
 
 
@@ -296,6 +300,15 @@ def test_the_shipped_config_lacks_only_the_added_fields(shipped):
     # TINY_SHAPES keeps the scale factor of the architecture before training measured it
     assert ModelConfig.from_json(shipped[1]) == \
         dataclasses.replace(TINY_SHAPES, scale_factor=raw["scale_factor"])
+
+
+def test_a_config_written_before_cfg_interval_means_guidance_at_every_step(shipped):
+    """The shipped file's sampling says (200, 1000) (its card's default since 2026-12-04); a file
+    written before the field existed lacks it, and meant guidance at every step."""
+    raw = json.loads(shipped[1])
+    assert raw["sampling"]["cfg_interval"] == [200, 1000]
+    del raw["sampling"]["cfg_interval"]
+    assert ModelConfig.from_json(json.dumps(raw)).sampling.cfg_interval is None
 
 
 JSON_VALUES = st.one_of(

@@ -61,8 +61,9 @@ def test_line_keys_are_txt2img_keywords():
     encode = inspect.signature(ldm.StableDiffusion.encode_prompt).parameters
     assert gen.RECORD_DEFAULTS == {"rng": parameters["rng"].default,
                                    **{key: encode[key].default for key in gen.PROMPT_KEYS},
-                                   **dict.fromkeys(gen.HIRES_KEYS)}
+                                   **dict.fromkeys(gen.HIRES_KEYS), "cfg_interval": None}
     assert parameters["hires_scale"].default is None
+    assert ldm.config.SamplingDefaults().cfg_interval is None  # None: guidance at every step
 
 
 def test_a1111_settings_and_hires_lines_reach_txt2img(pipe, tmp_path):
@@ -93,14 +94,44 @@ def test_a1111_settings_and_hires_lines_reach_txt2img(pipe, tmp_path):
     assert pixels(out / rows[2]["file"]).shape[:2] == (64, 64)  # the --hires-steps default unused
     assert (rows[2]["rng"], rows[2]["clip_skip"], rows[2]["pad_conds"], rows[2]["hires_scale"],
             rows[2]["hires_steps"]) == ("cpu", None, True, None, None)
-    # the first release's record of image 2 held none of these keys
+    # the first release's record of image 2 held none of these keys but cfg_interval, which
+    # the shipped model's default now sets (test_a_line_s_cfg_interval_reaches_txt2img)
     record = json.loads(Image.open(out / rows[2]["file"]).info[gen.RECORD_KEY])
-    old = {key: v for key, v in record.items() if key not in gen.RECORD_DEFAULTS}
+    old = {key: v for key, v in record.items()
+           if key not in gen.RECORD_DEFAULTS or key == "cfg_interval"}
     info = PngImagePlugin.PngInfo()
     info.add_text(gen.RECORD_KEY, json.dumps(old))
     Image.open(out / rows[2]["file"]).save(out / rows[2]["file"], pnginfo=info)
     summary = gen.generate(pipe, lines, out, hires_steps=2, **FAST)
     assert (summary.made, summary.skipped) == (0, 3)
+
+
+def test_a_line_s_cfg_interval_reaches_txt2img(pipe, tmp_path):
+    """cfg_interval from a line, from every line's default, and from the model's config (the
+    shipped model's (200, 1000)): each image is txt2img's, the record holds the interval used
+    and the A1111 line reads back to it; a record without the key meant guidance at every step,
+    so an image made so is another image now."""
+    lines = [{"prompt": "a red circle", "cfg_interval": [0, 500], "seed": 3},
+             {"prompt": "a blue square", "seed": 4}]
+    for defaults, second in (({}, [200.0, 1000.0]), ({"cfg_interval": (100, 900)},
+                                                     [100.0, 900.0])):
+        out = tmp_path / f"out{len(defaults)}"
+        gen.generate(pipe, lines, out, **defaults, **FAST)
+        rows = manifest(out)
+        assert [row["cfg_interval"] for row in rows] == [[0.0, 500.0], second]
+        for line, row in zip(lines, rows):
+            alone = pipe.txt2img(line["prompt"], seed=line["seed"], cfg_interval=row["cfg_interval"],
+                                 **FAST)[0]
+            assert np.abs(pixels(out / row["file"]) - np.asarray(alone, dtype=np.int16)).max() <= 1
+            read = ldm.parse_parameters(Image.open(out / row["file"]).info["parameters"]).kwargs
+            assert list(read["cfg_interval"]) == row["cfg_interval"]
+    record = json.loads(Image.open(out / rows[1]["file"]).info[gen.RECORD_KEY])
+    del record["cfg_interval"]
+    info = PngImagePlugin.PngInfo()
+    info.add_text(gen.RECORD_KEY, json.dumps(record))
+    Image.open(out / rows[1]["file"]).save(out / rows[1]["file"], pnginfo=info)
+    with pytest.raises(ValueError, match=r"other settings \(cfg_interval None, now \[100.0, 900.0\]"):
+        gen.generate(pipe, lines, out, cfg_interval=(100, 900), **FAST)
 
 
 @pytest.mark.parametrize("lines, defaults, message", [
@@ -226,12 +257,12 @@ def test_jsonl_lines_carry_their_own_settings(pipe, tmp_path):
     assert [(r["file"], r["line"], r["seed"], r["sampler"], r["steps"], r["cfg_scale"])
             for r in rows] == [
         ("000000-000.png", 1, 1234, "ddim", 4, 5.0), ("000000-001.png", 1, 1235, "ddim", 4, 5.0),
-        ("000001-000.png", 2, 51, "euler_a", 3, 3.0), ("000002-000.png", 4, 52, "euler_a", 3, 3.0)]
+        ("000001-000.png", 2, 51, "euler_a", 3, 5.0), ("000002-000.png", 4, 52, "euler_a", 3, 5.0)]
     assert rows[1]["negative_prompt"] == "" and rows[2]["negative_prompt"] == "a red square"
     image = Image.open(tmp_path / "out" / "000001-000.png")
     assert image.size == (32, 48)
     assert "Negative prompt: a red square" in image.info["parameters"]
-    assert "Sampler: DDIM, CFG scale: 5.0, Seed: 1235" in Image.open(
+    assert "Sampler: DDIM, CFG scale: 5.0, CFG interval: 200-1000, Seed: 1235" in Image.open(
         tmp_path / "out" / "000000-001.png").info["parameters"]
     for row in rows:  # each PNG's A1111 line reads back to the settings that made it
         line = Image.open(tmp_path / "out" / row["file"]).info["parameters"]
@@ -254,6 +285,10 @@ def test_jsonl_lines_carry_their_own_settings(pipe, tmp_path):
     ('{"prompt": "a", "steps": "3"}', r"p.jsonl:2: steps: steps must be an integer, got '3'"),
     ('{"prompt": "a", "steps": 0}', r"p.jsonl:2: steps: steps must be a positive integer"),
     ('{"prompt": "a", "cfg_scale": 1e9}', r"p.jsonl:2: cfg_scale: cfg_scale must be in"),
+    ('{"prompt": "a", "cfg_interval": 200}', r"p.jsonl:2: cfg_interval: cfg_interval must be "
+                                             r"None or a pair"),
+    ('{"prompt": "a", "cfg_interval": [900, 100]}', r"p.jsonl:2: cfg_interval: cfg_interval "
+                                                    r"must be \(low, high\) with low < high"),
     ('{"prompt": "a", "sampler": "eulr"}', r"p.jsonl:2: sampler: must be one of ddim"),
     ('{"prompt": "a", "height": 30}', r"p.jsonl:2: height: must be a multiple of 8, got 30"),
     ('{"prompt": "a", "seed": -1}', r"p.jsonl:2: seed: seed must be an integer >= 0"),
@@ -384,8 +419,8 @@ def test_command_line_a1111_and_hires_flags(pipe, tmp_path, monkeypatch):
     prompts.write_text("a (red:1.2) circle\n")
     settings = dict(rng="nv", pad_conds=False, clip_skip=2, emphasis="no_norm",
                     prompt_syntax="plain", hires_scale=1.5, hires_strength=0.6, hires_steps=2,
-                    hires_upscale="pixel")
-    flags = ["--rng", "nv", "--no-pad-conds", "--clip-skip", "2", "--emphasis", "no_norm",
+                    hires_upscale="pixel", cfg_interval=[150.0, 700.0])
+    flags = ["--cfg-interval", "150", "700", "--rng", "nv", "--no-pad-conds", "--clip-skip", "2", "--emphasis", "no_norm",
              "--prompt-syntax", "plain", "--hires-scale", "1.5", "--hires-strength", "0.6",
              "--hires-steps", "2", "--hires-upscaler", "pixel"]
     monkeypatch.setattr(gen, "load", lambda *a, **k: pipe)
@@ -409,6 +444,8 @@ def _api_run(pipe, out, prompts):
     (["--seed", "-3"], "argument --seed: seed must be an integer >= 0"),
     (["--height", "20"], "argument --height: must be a multiple of 8"),
     (["--cfg-scale", "nan"], "argument --cfg-scale: cfg_scale must be in"),
+    (["--cfg-interval", "700", "150"], "argument --cfg-interval: cfg_interval must be "
+                                       "(low, high) with low < high"),
     (["--batch-size", "0"], "argument --batch-size: must be at least 1"),
     (["--ckpt", "nowhere.safetensors"], "argument --ckpt: nowhere.safetensors is not a file"),
     (["--prompts", "nowhere.txt"], "argument --prompts: nowhere.txt is not a file"),

@@ -45,7 +45,8 @@ def by_hand(pipe, first, size, strength, steps, seeds, sampler="ddpm", schedule=
     x = samplers.add_noise(z0, samplers.randn(z0.shape, generators), ts[0], pipe.alphas_cumprod)
     cond, uncond = pipe.encode_prompt(PROMPT, num_images=len(seeds))
     return pipe.denoise(x, cond, uncond, ts, sampler=entry, generator=generators,
-                        cfg_scale=pipe.config.sampling.cfg_scale, progress=False)
+                        cfg_scale=pipe.config.sampling.cfg_scale,
+                        cfg_interval=pipe.config.sampling.cfg_interval, progress=False)
 
 
 @pytest.mark.parametrize("upscaler", hires.UPSCALERS)
@@ -194,7 +195,8 @@ def test_cli_writes_a1111s_hires_fields(tmp_path):
     image = Image.open(out)
     assert image.size == (64, 64)
     parameters = image.text["parameters"]
-    assert ("Steps: 3, Sampler: Euler, Schedule type: DDIM, CFG scale: 3.0, Seed: 5, "
+    assert ("Steps: 3, Sampler: Euler, Schedule type: DDIM, CFG scale: 5.0, "
+            "CFG interval: 200-1000, Seed: 5, "
             "Size: 32x32, ") in parameters  # A1111's Size is the first pass's
     assert ("Model: tiny-shapes.safetensors, Denoising strength: 0.5, RNG: CPU, "
             "Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent, Version: ldm ") in parameters

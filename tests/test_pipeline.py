@@ -4,6 +4,7 @@ On the tiny preset with random weights: these check the plumbing (seeds, shapes,
 masks, argument errors, files); the sampler math is checked in test_samplers.py and the model
 math in the parity tests.
 """
+import copy
 import io
 import sys
 from dataclasses import replace
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 import ldm
-from ldm import cli
+from ldm import cli, samplers
 from ldm.config import PRESETS
 from ldm.models.unet import UNET_TINY
 from ldm.samplers.registry import sampler_names
@@ -171,10 +172,69 @@ def test_inpainting_model_sees_mask_and_masked_image():
     ({"output_type": "jpeg"}, "output_type must be one of"),
     ({"eta": -1.0}, r"eta must be in \[0, 1\]"),
     ({"num_images": 0}, "num_images must be a positive integer"),
+    ({"cfg_interval": (600, 200)}, r"cfg_interval must be \(low, high\) with low < high"),
+    ({"cfg_interval": (-1, 200)}, r"cfg_interval\[0\] must be in \[0, 1000\]"),
+    ({"cfg_interval": (0, 1200)}, r"cfg_interval\[1\] must be in \[0, 1000\]"),
 ])
 def test_bad_arguments_are_named(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
         gen(pipe, **kwargs)
+
+
+def test_a_cfg_interval_that_is_not_a_pair_is_named(pipe):
+    for value in (200, "200-1000", (200,), (0, 500, 1000)):
+        with pytest.raises(TypeError, match="cfg_interval must be None or a pair"):
+            gen(pipe, cfg_interval=value)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
+def test_cfg_interval_guides_only_the_steps_inside_it(pipe, sampler):
+    """txt2img(cfg_interval=(low, high)) against the sampler run by hand with an eps_fn that
+    switches between the guided and the conditional U-Net by t: the same latents."""
+    low, high = 300, 800
+    made = gen(pipe, sampler=sampler, seed=11, cfg_scale=6.0, cfg_interval=(low, high),
+               output_type="latent", steps=6)
+    cond, uncond = pipe.encode_prompt("a red circle")
+    unet = lambda x, t, c: pipe.unet(x, t, **c)  # noqa: E731
+    guided = samplers.cfg(unet, cond, uncond, 6.0)
+    seen = []
+
+    def eps_fn(x, t):
+        seen.append(low <= float(t[0]) <= high)
+        return guided(x, t) if seen[-1] else unet(x, t, cond)
+
+    entry, schedule = samplers.resolve(sampler)
+    timesteps = samplers.timesteps(entry, schedule, 6, pipe.alphas_cumprod)
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn((1, 4, SIZE // 2, SIZE // 2), generator=generator)
+    options = {"generator": [generator]} if entry.noisy else {}
+    with torch.inference_mode():
+        expected = entry.sample(eps_fn, x, timesteps, pipe.alphas_cumprod, **options)
+    assert any(seen) and not all(seen)  # some steps each way
+    assert torch.equal(made, expected)
+    everywhere = gen(pipe, sampler=sampler, seed=11, cfg_scale=6.0, output_type="latent", steps=6)
+    assert not torch.equal(made, everywhere)
+
+
+def test_cfg_interval_defaults_to_the_models_and_every_step_is_the_plain_guidance(pipe):
+    """config.sampling.cfg_interval is the tasks' default (txt2img, img2img, inpaint); an
+    interval holding every timestep is guidance at every step."""
+    restricted = copy.copy(pipe)
+    restricted.config = replace(pipe.config, sampling=replace(pipe.config.sampling,
+                                                              cfg_interval=(0, 500)))
+    image, mask = Image.new("RGB", (SIZE, SIZE), (30, 90, 200)), Image.new("L", (SIZE, SIZE), 255)
+    tasks = {"txt2img": lambda p, **k: gen(p, **k),
+             "img2img": lambda p, **k: p.img2img(image, "a red circle", steps=4, progress=False,
+                                                 **k),
+             "inpaint": lambda p, **k: p.inpaint(image, mask, "a red circle", steps=4,
+                                                 progress=False, **k)}
+    for name, task in tasks.items():
+        common = dict(seed=3, output_type="latent")
+        default = task(restricted, **common)
+        assert torch.equal(default, task(pipe, cfg_interval=(0, 500), **common)), name
+        assert not torch.equal(default, task(pipe, **common)), name
+        assert torch.equal(task(restricted, cfg_interval=(0, 1000), **common),
+                           task(pipe, **common)), name
 
 
 def test_bad_image_arguments_are_named(pipe):
@@ -277,3 +337,38 @@ def test_progress_bar_shows_only_on_a_terminal(pipe, monkeypatch):
     monkeypatch.setattr(sys, "stderr", Terminal())
     gen(pipe, progress=False, output_type="latent")
     assert sys.stderr.getvalue() == ""
+
+
+def test_cli_cfg_interval_is_written_and_read_back(pipe, tmp_path):
+    """The model's interval is written as "CFG interval: LOW-HIGH"; --cfg-interval overrides it
+    (0 1000: every step, written too, so that --from-png does not fall back to the model's) and
+    --from-png makes the same image again. A model without one writes none."""
+    restricted = copy.copy(pipe)
+    restricted.config = replace(pipe.config, sampling=replace(pipe.config.sampling,
+                                                              cfg_interval=(0, 500)))
+    ckpt, plain = tmp_path / "tiny.safetensors", tmp_path / "plain.safetensors"
+    ldm.save(restricted, ckpt)
+    ldm.save(pipe, plain)
+    common = ["txt2img", "a red circle", "--steps", "3", "--seed", "5", "--height", "32",
+              "--width", "32", "--no-progress"]
+    runs = {"default.png": [], "every.png": ["--cfg-interval", "0", "1000"],
+            "other.png": ["--cfg-interval", "250.5", "900"]}
+    for name, flags in runs.items():
+        assert cli.main([*common, "--ckpt", str(ckpt), "--out", str(tmp_path / name), *flags]) == 0
+    texts = {name: Image.open(tmp_path / name).text["parameters"] for name in runs}
+    assert "CFG scale: 7.5, CFG interval: 0-500, Seed: 5" in texts["default.png"]
+    assert "CFG interval: 0-1000," in texts["every.png"]
+    assert "CFG interval: 250.5-900," in texts["other.png"]
+    pixels = {name: Image.open(tmp_path / name).tobytes() for name in runs}
+    assert pixels["default.png"] != pixels["every.png"] != pixels["other.png"]
+    for name in runs:
+        again = tmp_path / f"again-{name}"
+        assert cli.main(["txt2img", "--from-png", str(tmp_path / name), "--ckpt", str(ckpt),
+                         "--out", str(again), "--no-progress"]) == 0
+        assert Image.open(again).tobytes() == pixels[name], name
+    assert cli.main([*common, "--ckpt", str(plain), "--out", str(tmp_path / "plain.png")]) == 0
+    assert "CFG interval" not in Image.open(tmp_path / "plain.png").text["parameters"]
+    with pytest.raises(cli.UsageError, match="--cfg-interval: .* low < high"):
+        cli.main([*common, "--ckpt", str(ckpt), "--out", str(tmp_path / "bad.png"),
+                  "--cfg-interval", "900", "100"])
+    assert not (tmp_path / "bad.png").exists()

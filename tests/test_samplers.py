@@ -268,6 +268,30 @@ def test_cfg_scale_one_skips_the_unconditional_half():
     assert batches == [2] and torch.equal(out, fake_unet(x, t, cond))
 
 
+@pytest.mark.parametrize("interval", [(200, 1000), (100.5, 600)])
+def test_cfg_interval_guides_inside_and_runs_the_conditional_model_alone_outside(interval):
+    """Guidance in a limited interval: low ≤ t ≤ high (both ends included) is the guided
+    prediction, one batched call; every other t the conditional model alone, one call of B."""
+    low, high = interval
+    cond, uncond = conditioning(98, 2), conditioning(99, 2)
+    batches = []
+
+    def model(x, t, cond):
+        batches.append(x.shape[0])
+        return fake_unet(x, t, cond)
+
+    eps_fn = cfg(model, cond, uncond, 4.0, interval)
+    x = randn(100, 2, 4, 5, 5)
+    for step in (0, low - 0.5, low, (low + high) / 2, high, high + 0.5, 999):
+        t = torch.full((2,), step, dtype=torch.float64)
+        batches.clear()
+        out = eps_fn(x, t)
+        inside = low <= step <= high
+        expected = cfg(fake_unet, cond, uncond, 4.0 if inside else 1.0)(x, t)
+        assert batches == ([4] if inside else [2]), step
+        assert torch.equal(out, expected), step
+
+
 def test_cfg_refuses_mismatched_conditioning():
     cond, uncond = conditioning(95, 2), {"context": randn(97, 2, 77, 8)}
     with pytest.raises(ValueError, match="same entries"):
