@@ -260,7 +260,9 @@ def test_pad_conds_false_keeps_each_chunk_count_and_guides_in_two_calls():
         lambda module, args, kwargs, out: calls.append(tuple(kwargs["context"].shape)),
         with_kwargs=True)
     seed = fresh_seed()
-    run = dict(steps=2, seed=seed, output_type="latent", sampler="euler_a")
+    # guidance at both steps (the shipped model's default skips it below t = 200)
+    run = dict(steps=2, seed=seed, output_type="latent", sampler="euler_a",
+               cfg_interval=(0, 1000))
     try:
         separate = pipe.txt2img(prompt, negative_prompt=negative, pad_conds=False, **run)
         assert calls == [(1, 77, 64), (1, 154, 64)] * 2
