@@ -476,16 +476,17 @@ def _best_cpu_seconds(op, inputs, repeats):
 
 # ---------------------------------------------------------------- quality: the judge
 def judge(args):
-    """The shipped model on every held-out prompt, `--samples` images each, seed 0, its default
-    sampler at guidance 3 (as weights/README.md's table): judge accuracy in fp32 and in bf16;
-    images compared with fp32's."""
+    """The shipped model on every held-out prompt, `--samples` images each, at each of `--seeds`
+    (as `python -m ldm.judge --seed s` draws them: seeds that share no noise), its default
+    sampling (weights/README.md's tables): judge accuracy in fp32 and in bf16; images compared
+    with fp32's."""
     from ldm.data.shapes import FAMILIES, IMAGE_SIZE, held_out_prompts
     from ldm.judge import accuracy, judge as verdicts
 
     prompts = [p for family in FAMILIES for p in held_out_prompts(family)]
     print_machine("The shipped model's judge score, fp32 vs bf16")
     print(f"{len(prompts)} held-out prompts × {args.samples} images, seeds "
-          f"{args.seeds}, default sampler and steps, guidance 3\n")
+          f"{args.seeds}, the model's default sampling\n")
     rows = {"fp32": lambda: ldm.load(dtype=torch.float32),
             "bf16": lambda: ldm.load(dtype=torch.bfloat16)}
     images, scores = {}, {}
@@ -495,8 +496,9 @@ def judge(args):
         pipe, results, batches = load(), [], []
         start = time.perf_counter()
         for seed in args.seeds:
+            first = seed * len(prompts) * args.samples  # ldm.judge.evaluate's seed blocks
             batch = pipe.txt2img([p.caption for p in prompts], num_images=args.samples,
-                                 seed=seed, height=IMAGE_SIZE, width=IMAGE_SIZE, cfg_scale=3.0,
+                                 seed=first, height=IMAGE_SIZE, width=IMAGE_SIZE,
                                  output_type="tensor", progress=False).float()
             repeated = [p for p in prompts for _ in range(args.samples)]
             results += [(p, verdicts(image, p)) for p, image in zip(repeated, batch)]
