@@ -119,3 +119,26 @@ def test_judge_rejects_a_blank_image():
     reading = read_image(blank)
     assert reading.background == "black" and reading.shape is None and reading.colour is None
     assert not accepts(blank, "a black square")
+
+
+def test_evaluate_draws_a_block_of_seeds_per_seed():
+    """judge.evaluate(seed=s) gives image i the seed s·n + i (n images in the call): two seeds
+    share no noise, seed 0 is seeds 0 … n − 1 as before; each image is judged against its own
+    prompt (txt2img's prompt-major order)."""
+    from ldm.judge import evaluate
+
+    prompts = [shapes.all_prompts("object")[k] for k in (0, 5)]
+    scene = shapes.DEFAULT.training_batch(1, torch.Generator().manual_seed(3))
+    asked = []
+
+    class Recorder:
+        def txt2img(self, captions, *, num_images, seed, **options):
+            asked.append((list(captions), num_images, seed, options.get("cfg_interval")))
+            return scene.images.expand(len(captions) * num_images, -1, -1, -1)
+
+    for seed in (0, 1, 4):
+        results = evaluate(Recorder(), prompts, samples=3, seed=seed, cfg_interval=(200, 1000))
+        assert [p for p, _ in results] == [prompts[0]] * 3 + [prompts[1]] * 3
+    captions = [p.caption for p in prompts]
+    assert asked == [(captions, 3, 0, (200, 1000)), (captions, 3, 6, (200, 1000)),
+                     (captions, 3, 24, (200, 1000))]
