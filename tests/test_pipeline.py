@@ -195,7 +195,10 @@ def test_cfg_interval_guides_only_the_steps_inside_it(pipe, sampler):
     made = gen(pipe, sampler=sampler, seed=11, cfg_scale=6.0, cfg_interval=(low, high),
                output_type="latent", steps=6)
     cond, uncond = pipe.encode_prompt("a red circle")
-    unet = lambda x, t, c: pipe.unet(x, t, **c)  # noqa: E731
+
+    def unet(x, t, c):
+        return pipe.unet(x, t, **c)
+
     guided = samplers.cfg(unet, cond, uncond, 6.0)
     seen = []
 
