@@ -25,6 +25,7 @@ import os
 import torch
 
 from ldm import vae_tiling
+from ldm.schedule import NUM_TRAIN_STEPS
 
 # torch.Generator.manual_seed takes [-2**63, 2**64) and reads a negative seed as its value mod
 # 2**64 (-1 is 2**64 - 1); reducing every int mod 2**64 extends that reading to all of them.
@@ -80,10 +81,6 @@ def check_eta(eta):
     return check_float("eta", eta, 0, 1, why="DDIM's η: 0 deterministic, 1 as DDPM")
 
 
-# The SD noise schedules have 1000 timesteps, 999 the noisiest; 1000 closes an interval at the top.
-TIMESTEPS = 1000
-
-
 def check_cfg_interval(interval):
     """None (guidance at every step) or (low, high): guidance only at the steps whose timestep t
     has low ≤ t ≤ high, 0 ≤ low < high ≤ 1000 (the schedule's timesteps; (200, 1000): all but
@@ -94,7 +91,8 @@ def check_cfg_interval(interval):
             or len(interval) != 2:
         raise TypeError(f"cfg_interval must be None or a pair (low, high) of timesteps, got "
                         f"{_describe(interval)}")
-    low, high = (check_float(f"cfg_interval[{i}]", value, 0, TIMESTEPS,
+    # the schedule's timesteps are 0 … 999; a high of 1000 closes the interval at the top
+    low, high = (check_float(f"cfg_interval[{i}]", value, 0, NUM_TRAIN_STEPS,
                              why="a timestep of the noise schedule")
                  for i, value in enumerate(interval))
     if not low < high:

@@ -54,8 +54,8 @@ cpu_count / LOCAL_WORLD_SIZE threads.
 
 Manifest: a record per image, {"file", "prompt", "negative_prompt", "seed", "prompt_index",
 "image", "line", "steps", "sampler", "schedule", "cfg_scale", "cfg_interval", "eta", "height",
-"width", "rng", "clip_skip", "prompt_syntax", "emphasis", "pad_conds", "hires_scale", "hires_strength",
-"hires_steps", "hires_upscale", "lora_hashes", "model", "model_sha256"} (the prompt as written,
+"width", "rng", "clip_skip", "prompt_syntax", "emphasis", "pad_conds", "hires_scale",
+"hires_strength", "hires_steps", "hires_upscale", "lora_hashes", "model", "model_sha256"} (the prompt as written,
 tags included; height and width are the first pass's under a hires fix, as A1111 writes them;
 a record written before a key existed reads as that key's default, RECORD_DEFAULTS). Each
 process appends the records of the images it writes to DIR/manifest-rank{r}.jsonl (with "rank",

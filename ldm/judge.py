@@ -248,6 +248,7 @@ def _report(pipe, split, samples, cfg_scale, seed, world=shapes.DEFAULT, cfg_int
         if not prompts:  # a world `naming` only some words may have none in a family
             continue
         for scale in (1.0, cfg_scale):
+            # (0, 1000): every step, where txt2img's None would mean the model's default
             results = evaluate(pipe, prompts, samples=samples, seed=seed, cfg_scale=scale,
                                cfg_interval=cfg_interval or (0, 1000), **sampling)
             totals.setdefault(scale, []).extend(results)

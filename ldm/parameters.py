@@ -77,9 +77,9 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
+from ldm.arguments import check_cfg_interval
 from ldm.hires import UPSCALERS
 from ldm.lora import prompt_loras
-from ldm.arguments import check_cfg_interval
 from ldm.rng import check_rng
 from ldm.samplers.registry import a1111_names, from_a1111, resolve
 
@@ -481,15 +481,15 @@ def _size(text):
 
 # ------------------------------------------------------------------------------------ writing
 SETTINGS = {"prompt", "negative_prompt", "steps", "sampler", "schedule", "cfg_scale",
-            "cfg_interval", "seed",
-            "width", "height", "clip_skip", "prompt_syntax", "emphasis", "strength", "eta",
-            "rng", "refiner_start", "hires_scale", "hires_strength", "hires_steps",
-            "hires_upscale", "pad_conds"}
+            "cfg_interval", "seed", "width", "height", "clip_skip", "prompt_syntax", "emphasis",
+            "strength", "eta", "rng", "refiner_start", "hires_scale", "hires_strength",
+            "hires_steps", "hires_upscale", "pad_conds"}
 # A1111's order of the entries (processing.py create_infotext); info's others follow.
-ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "CFG interval", "Seed", "Size", "Model hash", "Model",
-         "VAE hash", "VAE", "Denoising strength", "Clip skip", "RNG", "Eta DDIM", "Refiner",
-         "Refiner switch at", "Emphasis", "Pad conds", "Hires upscale", "Hires steps",
-         "Hires upscaler")
+# "CFG interval" is ldm's own, beside the scale it qualifies.
+ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "CFG interval", "Seed", "Size",
+         "Model hash", "Model", "VAE hash", "VAE", "Denoising strength", "Clip skip", "RNG",
+         "Eta DDIM", "Refiner", "Refiner switch at", "Emphasis", "Pad conds", "Hires upscale",
+         "Hires steps", "Hires upscaler")
 LAST = ("Lora hashes", "Version")
 
 
