@@ -236,6 +236,9 @@ def _parse_args(argv):
                    "resume from; default: OUT with the suffix .train.ckpt")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"],
                    help="dtype of the weights in OUT")
+    p.add_argument("--world", help="the shapes world to train on, from scratch or (without "
+                   "--data) fine-tuning, e.g. 'shapes+purple+star' (ldm.data.shapes.world; "
+                   "default: 'shapes')")
     g = p.add_argument_group("fine-tuning (with --init)")
     g.add_argument("--lora-rank", type=int, help="train a LoRA of this rank, the model frozen")
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, scale 1)")
@@ -253,8 +256,6 @@ def _parse_args(argv):
                    help="full fine-tuning: train the text encoder too (default: U-Net only)")
     g.add_argument("--data", help="a folder of captioned images (ldm.data.folder.ImageFolder) "
                    "to train on; default: shapes world")
-    g.add_argument("--world", help="without --data: the shapes world to train on, e.g. "
-                   "'shapes+purple+star' (ldm.data.shapes.world; default: 'shapes')")
     g.add_argument("--only", nargs="+", default=[], metavar="WORD", help="with --world: only "
                    "its captions that name one of these words (e.g. --only purple star)")
     g.add_argument("--fit-latents", type=int, metavar="N", help="with --world: train on N "
@@ -303,8 +304,8 @@ def _check_modes(parser, args):
     if args.init is None:
         needs_init = [n for n in ("lora_rank", "lora_alpha", "lora_text_encoder", "lora_conv_rank",
                                   "lora_conv_alpha", "train_text_encoder", "ema", "data",
-                                  "resolution", "cache_latents", "state_dir", "resume", "world",
-                                  "only", "fit_latents", "replay") if given(n)]
+                                  "resolution", "cache_latents", "state_dir", "resume", "only",
+                                  "fit_latents", "replay") if given(n)]
         if needs_init:
             parser.error(f"--{needs_init[0].replace('_', '-')} needs --init (fine-tuning)")
     else:
@@ -325,6 +326,11 @@ def _check_modes(parser, args):
         parser.error("--only, --fit-latents and --replay need --world")
     if args.world is not None and args.data:
         parser.error("--world and --data are two sources of data: give one")
+    if args.world is not None:
+        try:
+            shapes.world(args.world)
+        except ValueError as error:
+            parser.error(f"--world: {error}")
     if args.replay is not None and not 0 <= args.replay <= 1:
         parser.error(f"--replay must be a share in [0, 1], got {args.replay}")
     if args.fit_latents is not None and (args.fit_latents < 1 or args.fit_steps < 0):
@@ -379,6 +385,8 @@ def main(argv=None):
 
 def _train_main(args, config, rank, world, on_step):
     model_config, data = RECIPES[args.preset]
+    if args.world is not None:  # both stages, the autoencoder too, see the larger world
+        data = shapes.world(args.world).training_batch
     ckpt = Path(args.checkpoint) if args.checkpoint else Path(args.out).with_suffix(".train.ckpt")
     if rank == 0:
         log.info("training %s on %d process(es): %s", args.preset, world,

@@ -114,6 +114,32 @@ def test_world_flags_refuse_bad_combinations(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_world_flag_refuses_an_unknown_world(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--world", "shapes+pink", "--out", "x.safetensors"])
+    assert "--world: unknown world 'shapes+pink'" in capsys.readouterr().err
+
+
+class Started(Exception):
+    pass
+
+
+@pytest.mark.parametrize("argv, words", [([], set()),
+                                         (["--world", "shapes+purple+star"], {"purple", "star"})])
+def test_world_flag_trains_from_scratch_on_that_world(argv, words, monkeypatch):
+    """Without --init, --world replaces the recipe's data, for both stages (one data function)."""
+    def started(model_config, train_config, data, *rest, **kwargs):
+        generator = torch.Generator().manual_seed(fresh_seed())
+        captions = data(256, generator).captions
+        raise Started({w for c in captions for w in c.split()} & {"purple", "star"})
+    monkeypatch.setattr(train, "train", started)
+    with pytest.raises(Started) as seen:
+        train.main([*argv, "--out", "never-written.safetensors", "--threads", "1"])
+    # 256 captions of the larger world name purple and the star (each in ~1/5 of them) at least
+    # once but for a chance of ~1e-20.
+    assert seen.value.args[0] == words
+
+
 def test_world_flags_train_a_lora(tmp_path):
     out = tmp_path / "new.safetensors"
     train.main(["--init", str(ROOT / "weights/tiny-shapes.safetensors"), "--out", str(out),
