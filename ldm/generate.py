@@ -55,11 +55,11 @@ cpu_count / LOCAL_WORLD_SIZE threads.
 Manifest: a record per image, {"file", "prompt", "negative_prompt", "seed", "prompt_index",
 "image", "line", "steps", "sampler", "schedule", "cfg_scale", "cfg_interval", "eta", "height",
 "width", "rng", "clip_skip", "prompt_syntax", "emphasis", "pad_conds", "hires_scale",
-"hires_strength", "hires_steps", "hires_upscale", "lora_hashes", "model", "model_sha256"} (the prompt as written,
-tags included; height and width are the first pass's under a hires fix, as A1111 writes them;
-a record written before a key existed reads as that key's default, RECORD_DEFAULTS). Each
-process appends the records of the images it writes to DIR/manifest-rank{r}.jsonl (with "rank",
-"world_size", "device", "dtype", "time"); a process that finds every image of the plan present
+"hires_strength", "hires_steps", "hires_upscale", "lora_hashes", "model", "model_sha256"} (the
+prompt as written, tags included; height and width are the first pass's under a hires fix, as
+A1111 writes them; a record written before a key existed reads as that key's default,
+RECORD_DEFAULTS). Each process appends the records of the images it writes to
+DIR/manifest-rank{r}.jsonl (with "rank", "world_size", "device", "dtype", "time"); a process that finds every image of the plan present
 writes DIR/manifest.jsonl, all records in prompt order, through a temporary file (several
 processes finishing together write the same bytes).
 `read_manifest(DIR)` merges the rank files (one record per file, the last written).

@@ -383,13 +383,13 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def _train_main(args, config, rank, world, on_step):
+def _train_main(args, config, rank, processes, on_step):
     model_config, data = RECIPES[args.preset]
-    if args.world is not None:  # both stages, the autoencoder too, see the larger world
+    if args.world is not None:  # a larger shapes world: both stages, the autoencoder too, see it
         data = shapes.world(args.world).training_batch
     ckpt = Path(args.checkpoint) if args.checkpoint else Path(args.out).with_suffix(".train.ckpt")
     if rank == 0:
-        log.info("training %s on %d process(es): %s", args.preset, world,
+        log.info("training %s on %d process(es): %s", args.preset, processes,
                  json.dumps(dataclasses.asdict(config)))
     state = train(model_config, config, data, ckpt, on_step=on_step)
     if rank == 0:
