@@ -59,9 +59,9 @@ Manifest: a record per image, {"file", "prompt", "negative_prompt", "seed", "pro
 prompt as written, tags included; height and width are the first pass's under a hires fix, as
 A1111 writes them; a record written before a key existed reads as that key's default,
 RECORD_DEFAULTS). Each process appends the records of the images it writes to
-DIR/manifest-rank{r}.jsonl (with "rank", "world_size", "device", "dtype", "time"); a process that finds every image of the plan present
-writes DIR/manifest.jsonl, all records in prompt order, through a temporary file (several
-processes finishing together write the same bytes).
+DIR/manifest-rank{r}.jsonl (with "rank", "world_size", "device", "dtype", "time"); a process
+that finds every image of the plan present writes DIR/manifest.jsonl, all records in prompt
+order, through a temporary file (several processes finishing together write the same bytes).
 `read_manifest(DIR)` merges the rank files (one record per file, the last written).
 """
 import argparse
