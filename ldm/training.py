@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ldm import sdxl
+from ldm.data import codec
 from ldm.images import to_pil
 from ldm.lora_training import LoRANetwork
 from ldm.models.vae import DiagonalGaussian
@@ -50,6 +51,8 @@ class TrainConfig:
     vae_batch: int = 8
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6      # per element; SD's 1e-6 on sums is ~1e-7 per element
+    vae_codec_share: float = 0.0  # of each autoencoder batch: generic pictures (ldm.data.codec)
+    vae_edge_weight: float = 0.0  # edge pixels' extra weight in its loss (AutoencoderObjective)
     latent_std: float = 0.25     # std of the scaled latents z₀ the diffusion sees (SD: 1)
     steps: int = 4000
     batch: int = 32
@@ -77,6 +80,10 @@ class TrainConfig:
         if isinstance(self.grad_accum, bool) or not isinstance(self.grad_accum, int) \
                 or self.grad_accum < 1:
             raise ValueError(f"grad_accum must be a positive int, got {self.grad_accum!r}")
+        if not 0 <= self.vae_codec_share <= 1:
+            raise ValueError(f"vae_codec_share must be in [0, 1], got {self.vae_codec_share!r}")
+        if not self.vae_edge_weight >= 0:
+            raise ValueError(f"vae_edge_weight must be >= 0, got {self.vae_edge_weight!r}")
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
             raise ValueError(f"min_snr_gamma must be > 0 (or None), got {self.min_snr_gamma!r}")
         if not self.timestep_power > 0:
@@ -304,8 +311,13 @@ class Trainer:
 
     def autoencoder_inputs(self, step):
         generator, batch, pieces = self._batch(step, self.config.vae_batch)
+        images = batch.images
+        generic = round(self.config.vae_codec_share * len(images))
+        if generic:  # the batch's last pictures replaced, the same on every rank
+            images = torch.cat([images[:len(images) - generic],
+                                codec.pictures(generic, generator, images.shape[-1])])
         noise = torch.randn(self._latent_shape(batch), generator=generator)
-        return [(self._on_device(batch.images[p]), self._on_device(noise[p])) for p in pieces]
+        return [(self._on_device(images[p]), self._on_device(noise[p])) for p in pieces]
 
     def diffusion_inputs(self, step):
         c, pipe = self.config, self.state.pipe
