@@ -6,8 +6,9 @@
 #   bash benchmarks/gpu_session.sh attention  benchmarks/attention.py, then the tile sweep at 4096x40
 #   bash benchmarks/gpu_session.sh pipeline   benchmarks/pipeline.py (diffusers and ours, all rows)
 #
-# The machine lacks diffusers, ftfy and wcwidth: put their wheels in build/gpu-wheels/ here
-# (pip download --no-deps diffusers ftfy wcwidth -d build/gpu-wheels) and carry that folder.
+# The machine lacks diffusers and ldm's own ftfy, wcwidth, torchsde and trampoline: put their
+# wheels in build/gpu-wheels/ here (pip download --no-deps diffusers ftfy wcwidth torchsde
+# trampoline -d build/gpu-wheels) and carry that folder.
 # Output goes to stdout and, when $OUT is set, to $OUT/<stage>.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -10,6 +10,7 @@ is computed in float64 from the same rounded inputs: error = ‖out − ref‖ /
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import ldm.kernels.geglu_triton as geglu_triton  # noqa: E402
+import ldm.kernels.group_norm as group_norm_module  # noqa: E402
 import ldm.kernels.group_norm_triton as group_norm_triton  # noqa: E402
 from helpers import randomize_, rel_error  # noqa: E402
 from ldm.kernels import (geglu, geglu_reference, group_norm_silu,  # noqa: E402
@@ -97,6 +99,36 @@ def test_group_norm_statistics_survive_a_large_mean(dtype):
     torch_err = rel_error(group_norm_silu(x, norm, backend="torch"), ref)
     err = rel_error(group_norm_silu(x, norm, backend="triton"), ref)
     assert err <= max(2 * torch_err, TOL[dtype]), f"{err:.2e} (torch: {torch_err:.2e})"
+
+
+def test_torch_path_takes_native_group_norm_only_where_it_fits():
+    """CUDA's group_norm refuses x and weights of different dtypes (seen on an H200: "expected
+    scalar type Half but found Float" for float16 x, float32 weights): those take the float32
+    reference; the CPU's takes them; other devices' 16-bit x never goes native."""
+    fits = group_norm_module._native_group_norm_fits
+    half, single = torch.ones(1, dtype=torch.float16), torch.ones(1)
+    for device, x, weight, native in [("cpu", half, single, True), ("cpu", half, None, True),
+                                      ("cuda", half, half, True), ("cuda", half, single, False),
+                                      ("cuda", single, half, False), ("cuda", half, None, True),
+                                      ("mps", single, single, True), ("mps", half, half, False)]:
+        x_on = SimpleNamespace(device=torch.device(device), dtype=x.dtype)
+        assert fits(x_on, weight) == native, (device, x.dtype, weight)
+
+
+def test_torch_path_keeps_channels_last():
+    """The norm's output keeps a channels_last x's layout (CUDA's group_norm alone would not),
+    with the same values; a contiguous x stays contiguous."""
+    seed = int(torch.randint(1 << 20, ()))
+    x = random_activations((2, 16, 5, 7), torch.float32, seed)
+    norm = random_norm(4, 16)
+    ref = group_norm_silu(x, norm, backend="torch")
+    y = group_norm_module._keep_channels_last(ref.clone(),
+                                              x.to(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, ref)
+    assert group_norm_module._keep_channels_last(ref, x) is ref
+    last = group_norm_silu(x.to(memory_format=torch.channels_last), norm, backend="torch")
+    assert last.is_contiguous(memory_format=torch.channels_last)
+    assert rel_error(last, ref) <= 1e-6
 
 
 @pytest.mark.parametrize("split", [1, 2, 3, 16])

@@ -20,7 +20,10 @@ The torch path does what the original does: GroupNorm32 normalises in float32 an
 x's dtype, then SiLU runs in x's dtype. PyTorch's CPU and CUDA group_norm kernels already keep
 float32 statistics for float16/bfloat16 inputs, so x is not cast to float32 and back: that
 would cost two more launches and ~3x the memory traffic per norm at SD's sizes in float16.
-Other devices get the explicit float32 computation (`group_norm_silu_reference`).
+Other devices, and x in another dtype than the norm's weights on CUDA (whose group_norm
+refuses that), get the explicit float32 computation (`group_norm_silu_reference`). A
+channels_last x gives a channels_last y: CUDA's group_norm returns it contiguous, so the torch
+path converts it back rather than leave the conversion to every convolution after a norm.
 The Triton path matches float64 under the interpreter and on an H100 (SD shapes in float16;
 whole under torch.compile and CUDA graphs).
 
@@ -44,11 +47,30 @@ def group_norm_silu(x, norm, *, silu=True, backend=None):
     if backend == "triton":
         from ldm.kernels.group_norm_triton import group_norm_silu_triton  # imports Triton
         return group_norm_silu_triton(x, *args, silu)
-    if backend == "torch" and (x.device.type in ("cpu", "cuda") or x.dtype == torch.float32):
-        y = F.group_norm(x, *args)
+    if backend == "torch" and _native_group_norm_fits(x, norm.weight):
+        y = _keep_channels_last(F.group_norm(x, *args), x)
         return F.silu(y) if silu else y
-    # "reference", or 16-bit x on a device whose group_norm may not keep float32 statistics
+    # "reference"; 16-bit x on a device whose group_norm may not keep float32 statistics; or
+    # x and the norm's weights in different dtypes where the device's group_norm refuses that
     return group_norm_silu_reference(x, *args, silu=silu).to(x.dtype)
+
+
+def _native_group_norm_fits(x, weight):
+    """Whether F.group_norm on x keeps float32 statistics and accepts the weights' dtype: CPU
+    takes 16-bit x with float32 weights, CUDA wants the same dtype."""
+    if x.device.type == "cpu":
+        return True
+    same = weight is None or weight.dtype == x.dtype
+    return same and (x.device.type == "cuda" or x.dtype == torch.float32)
+
+
+def _keep_channels_last(y, x):
+    """y in x's layout: CUDA's group_norm returns a contiguous y for a channels_last x, and the
+    next convolution would convert it back (a whole extra pass, at every norm)."""
+    channels_last = torch.channels_last
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last):
+        return y.contiguous(memory_format=channels_last)
+    return y
 
 
 def group_norm_silu_reference(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=True):
