@@ -43,7 +43,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ldm import checkpoint, finetune
@@ -52,7 +51,7 @@ from ldm.loader import load
 from ldm.lora_training import DEFAULT_TARGETS
 from ldm.pipeline import StableDiffusion
 from ldm.training import (EMA, PRECISIONS, TrainConfig, Trainer, TrainingState,
-                          diffusion_objective, disable_gradient_checkpointing,
+                          diffusion_objective, disable_gradient_checkpointing, edge_weights,
                           enable_gradient_checkpointing, rank_and_world, sample_every)
 
 log = logging.getLogger(__name__)
@@ -69,33 +68,28 @@ class AutoencoderObjective(nn.Module):
     differs from the mean of its 3 × 3 neighbourhood by more than 0.02 in some channel) counts
     1 + w times, the weights normalised to mean 1. A thin point is all edge: unweighted, its few
     pixels cost too little for an f = 4 decoder to keep it rather than blur it away.
+    `weight_mean`, the mean of the weights over the step's whole batch (`edge_weights`), makes
+    the loss of a batch split over processes or micro-batches average to the unsplit batch's;
+    None: this batch's own mean.
     """
 
     def __init__(self, vae, kl_weight, edge_weight=0.0):
         super().__init__()
         self.vae, self.kl_weight, self.edge_weight = vae, kl_weight, edge_weight
 
-    def forward(self, images, noise):
+    def forward(self, images, noise, weight_mean=None):
         posterior = self.vae.encode(images)
         z = posterior.sample(noise=noise)  # mean + std · noise: gradients reach both
         error = self.vae.decode(z) - images
         if self.edge_weight:
-            weight = 1 + self.edge_weight * edge_pixels(images).float()   # (B, 1, H, W)
-            weight = weight / weight.mean()
+            weight = edge_weights(images, self.edge_weight)   # (B, 1, H, W)
+            weight = weight / (weight.mean() if weight_mean is None else weight_mean)
             reconstruction = (weight * error.abs()).mean() + (weight * error.pow(2)).mean()
         else:
             reconstruction = error.abs().mean() + error.pow(2).mean()
         # KL(N(μ, σ²) ‖ N(0, 1)) per latent element.
         kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1.0 - posterior.logvar).mean()
         return reconstruction + self.kl_weight * kl
-
-
-def edge_pixels(images, threshold=0.02):
-    """images (B, C, H, W) -> (B, 1, H, W) bool: pixels that differ from the mean of their
-    3 × 3 neighbourhood (the image's own pixels only, at the border) by more than `threshold`
-    in some channel."""
-    mean = F.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
-    return (images - mean).abs().amax(1, keepdim=True) > threshold
 
 
 def new_state(model_config, train_config):
@@ -239,7 +233,7 @@ def export(state, path, dtype=torch.float16):
 
 # TrainConfig fields that only training from scratch uses.
 SCRATCH_ONLY = ("vae_steps", "vae_batch", "vae_lr", "kl_weight", "vae_codec_share",
-                "vae_edge_weight", "latent_std")
+                "vae_edge_weight", "latent_std", "vae_precision")
 # Fine-tuning's defaults where the from-scratch recipe's do not fit (lr: LoRA, full).
 FINETUNE_DEFAULTS = {"steps": 1000, "batch": 8, "warmup": 50}
 FINETUNE_LR = {True: 1e-4, False: 1e-5}
@@ -308,7 +302,7 @@ def _parse_args(argv):
         flag = "--" + field.name.replace("_", "-")
         if field.type is bool or field.type == "bool":
             t.add_argument(flag, action="store_true", default=None)
-        elif field.name == "precision":
+        elif field.name in ("precision", "vae_precision"):
             t.add_argument(flag, choices=sorted(PRECISIONS))
         elif field.name == "min_snr_gamma":
             t.add_argument(flag, type=float, metavar="GAMMA")

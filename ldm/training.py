@@ -71,12 +71,14 @@ class TrainConfig:
     checkpoint_every: int = 500
     grad_accum: int = 1          # micro-batches per step: the batch is split, not multiplied
     precision: str = "fp32"      # "bf16": autocast; "fp16": autocast and a grad scaler (CUDA)
+    vae_precision: str | None = None  # the autoencoder stage's (None: `precision`)
     grad_checkpointing: bool = False  # recompute activations in the backward pass
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got "
-                             f"{self.precision!r}")
+        for name in ("precision", "vae_precision"):
+            value = getattr(self, name)
+            if value not in PRECISIONS and not (name == "vae_precision" and value is None):
+                raise ValueError(f"{name} must be one of {sorted(PRECISIONS)}, got {value!r}")
         if isinstance(self.grad_accum, bool) or not isinstance(self.grad_accum, int) \
                 or self.grad_accum < 1:
             raise ValueError(f"grad_accum must be a positive int, got {self.grad_accum!r}")
@@ -93,6 +95,12 @@ class TrainConfig:
     def total_steps(self):
         return self.vae_steps + self.steps
 
+    def stage_precision(self, stage):
+        """The precision of stage "autoencoder" or "diffusion"."""
+        if stage == "autoencoder" and self.vae_precision is not None:
+            return self.vae_precision
+        return self.precision
+
 
 def draw_timesteps(batch, num_timesteps, power, generator):
     """(batch,) int64 training timesteps t = ⌊T · u^power⌋, u ~ U(0, 1), T = num_timesteps.
@@ -102,6 +110,19 @@ def draw_timesteps(batch, num_timesteps, power, generator):
         return torch.randint(0, num_timesteps, (batch,), generator=generator)
     u = torch.rand(batch, generator=generator, dtype=torch.float64)
     return (u.pow(power) * num_timesteps).long().clamp(max=num_timesteps - 1)
+
+
+def edge_pixels(images, threshold=0.02):
+    """images (B, C, H, W) -> (B, 1, H, W) bool: pixels that differ from the mean of their
+    3 × 3 neighbourhood (the image's own pixels only, at the border) by more than `threshold`
+    in some channel."""
+    mean = F.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
+    return (images - mean).abs().amax(1, keepdim=True) > threshold
+
+
+def edge_weights(images, edge_weight):
+    """images (B, C, H, W) -> (B, 1, H, W) float: 1 + edge_weight on edge pixels, else 1."""
+    return 1 + edge_weight * edge_pixels(images).float()
 
 
 # The autocast dtype of each `precision` (None: none, fp32 throughout).
@@ -250,7 +271,9 @@ class Trainer:
             if batch % (self.world * config.grad_accum):
                 raise ValueError(f"{name} {batch} must be a multiple of the {self.world} "
                                  f"process(es) × grad_accum {config.grad_accum}")
-        if config.precision == "fp16" and self.device.type != "cuda":
+        stages = ("diffusion",) if finetuning else ("autoencoder", "diffusion")
+        if any(config.stage_precision(stage) == "fp16" for stage in stages) \
+                and self.device.type != "cuda":
             raise ValueError("precision fp16 needs a CUDA device (float16 gradients need a "
                              "grad scaler); on the CPU use bf16")
         self.show_progress = progress and self.rank == 0
@@ -261,7 +284,8 @@ class Trainer:
         c, state = self.config, self.state
         model = self._parallel(objective)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=c.weight_decay)
-        scaler = torch.amp.GradScaler("cuda") if c.precision == "fp16" else None
+        precision = c.stage_precision(stage)
+        scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         if state.optimizer_stage == stage and state.optimizer_state is not None:
             optimizer.load_state_dict(state.optimizer_state)
             if scaler is not None and state.scaler_state:
@@ -271,7 +295,7 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_factor(step - first, last - first, c.warmup, c.min_lr_ratio)
             loss = optimization_step(model, optimizer, params, inputs(step), grad_clip=c.grad_clip,
-                                     precision=c.precision, scaler=scaler)
+                                     precision=precision, scaler=scaler)
             if after_step is not None:
                 after_step()
             state.step = step + 1
@@ -317,7 +341,12 @@ class Trainer:
             images = torch.cat([images[:len(images) - generic],
                                 codec.pictures(generic, generator, images.shape[-1])])
         noise = torch.randn(self._latent_shape(batch), generator=generator)
-        return [(self._on_device(images[p]), self._on_device(noise[p])) for p in pieces]
+        inputs = [(self._on_device(images[p]), self._on_device(noise[p])) for p in pieces]
+        if not self.config.vae_edge_weight:
+            return inputs
+        # The whole batch's mean weight, so that the pieces' losses average to the batch's.
+        mean = edge_weights(images, self.config.vae_edge_weight).mean().to(self.device)
+        return [(*piece, mean) for piece in inputs]
 
     def diffusion_inputs(self, step):
         c, pipe = self.config, self.state.pipe

@@ -68,7 +68,7 @@ def test_edge_pixels_are_those_next_to_another_colour():
     g = torch.Generator().manual_seed(fresh_seed())
     # the default world's pictures: palette colours, every pair ≥ 0.71 apart (×2 in [-1, 1])
     images = shapes.training_batch(8, g).images
-    edges = train.edge_pixels(images)
+    edges = training.edge_pixels(images)
     assert edges.shape == (8, 1, 64, 64)
     assert torch.equal(edges, _differs_from_a_neighbour(images))
     assert 0 < edges.float().mean() < 0.2
@@ -94,14 +94,32 @@ def test_edge_weighted_loss_is_the_weighted_mean_of_l1_and_l2():
         <= 1e-6 * plain.item()
 
 
+def test_edge_weighted_loss_of_a_split_batch_averages_to_the_whole_batchs():
+    """Halves of a batch (two processes, or two micro-batches) weighted by the whole batch's
+    mean weight, as the Trainer passes it, average to the whole batch's loss; normalised by
+    their own means they would not (their edges differ)."""
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    objective = train.AutoencoderObjective(AutoencoderKL(MICRO.vae), 1e-3, 8.0)
+    images = codec.pictures(4, torch.Generator().manual_seed(seed), 32)
+    noise = torch.randn(4, MICRO.vae.z_channels, 16, 16)
+    whole = objective(images, noise).item()
+    mean = training.edge_weights(images, 8.0).mean()
+    halves = [objective(images[s], noise[s], mean).item() for s in (slice(0, 2), slice(2, 4))]
+    assert abs(sum(halves) / 2 - whole) <= 1e-6 * whole
+    own = [objective(images[s], noise[s]).item() for s in (slice(0, 2), slice(2, 4))]
+    assert abs(sum(own) / 2 - whole) > 1e-4 * whole
+
+
 def _autoencoder_batch(config, step=3):
     state = train.new_state(MICRO, config)
     trainer = training.Trainer(state, config, shapes.training_batch, None, progress=False)
-    return torch.cat([images for images, _ in trainer.autoencoder_inputs(step)])
+    return torch.cat([images for images, *_ in trainer.autoencoder_inputs(step)])
 
 
 def test_codec_share_replaces_the_end_of_each_autoencoder_batch():
-    config = dataclasses.replace(FEW_STEPS, vae_batch=8, seed=fresh_seed() % 1000)
+    config = dataclasses.replace(FEW_STEPS, vae_batch=8, vae_codec_share=0.0,
+                                 seed=fresh_seed() % 1000)
     world = _autoencoder_batch(config)
     mixed = _autoencoder_batch(dataclasses.replace(config, vae_codec_share=0.25))
     assert torch.equal(mixed[:6], world[:6])
@@ -132,6 +150,30 @@ def test_train_config_refuses_bad_autoencoder_options():
         training.TrainConfig(vae_codec_share=1.5)
     with pytest.raises(ValueError, match="vae_edge_weight"):
         training.TrainConfig(vae_edge_weight=-1.0)
+    with pytest.raises(ValueError, match="vae_precision must be one of"):
+        training.TrainConfig(vae_precision="bf32")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):  # stage 1's alone too
+        train.train(MICRO, dataclasses.replace(FEW_STEPS, vae_precision="fp16"),
+                    shapes.training_batch, progress=False)
+
+
+@pytest.mark.parametrize("vae_precision, wanted", [("bf16", ["bf16", "fp32"]),
+                                                    (None, ["fp32", "fp32"]),
+                                                    ("fp32", ["fp32", "fp32"])])
+def test_each_stage_runs_at_its_own_precision(monkeypatch, vae_precision, wanted):
+    """vae_precision sets the autoencoder stage's autocast (None: `precision`'s); the U-Net
+    stage keeps `precision`."""
+    seen = {}
+    step = training.optimization_step
+
+    def spy(*args, precision, **kwargs):
+        seen.setdefault(len(seen), precision)
+        return step(*args, precision=precision, **kwargs)
+
+    monkeypatch.setattr(training, "optimization_step", spy)
+    config = dataclasses.replace(FEW_STEPS, vae_steps=1, steps=1, vae_precision=vae_precision)
+    train.train(MICRO, config, shapes.training_batch, progress=False)
+    assert [seen[0], seen[1]] == wanted
 
 
 def test_autoencoder_trains_with_codec_pictures_and_edge_weight(tmp_path):

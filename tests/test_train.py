@@ -31,8 +31,10 @@ MICRO = ModelConfig(
     vae=VAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4),
     text=CLIPTextConfig(width=8, layers=1, heads=1),
     scale_factor=1.0)
+# float32 in both stages (vae_precision None: `precision`'s): a bf16 autoencoder stage would
+# round two processes' half-batches differently from one process's whole batch.
 FEW_STEPS = training.TrainConfig(vae_steps=4, vae_batch=4, steps=4, batch=4, warmup=1,
-                              checkpoint_every=2, ema_decay=0.9)
+                              checkpoint_every=2, ema_decay=0.9, vae_precision=None)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
