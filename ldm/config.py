@@ -331,9 +331,9 @@ def _shown(value, limit=40):
 # most of the file. scale_factor is measured after the autoencoder is trained (1 / latent std);
 # the sampling defaults are those the model card measures.
 TINY_SHAPES = ModelConfig(
-    unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+    unet=UNetConfig(model_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1,
                     attention_levels=(1, 2), num_heads=2, context_dim=64, norm_groups=8),
-    vae=VAEConfig(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8),
     text=CLIPTextConfig(width=64, layers=2, heads=2),
     scale_factor=1.0,
     image_size=64,

@@ -47,12 +47,12 @@ from ldm.pipeline import StableDiffusion
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings; the defaults train the shipped tiny-shapes model."""
-    vae_steps: int = 2000
+    vae_steps: int = 10000
     vae_batch: int = 8
-    vae_lr: float = 2e-3
+    vae_lr: float = 1e-3
     kl_weight: float = 1e-6      # per element; SD's 1e-6 on sums is ~1e-7 per element
-    vae_codec_share: float = 0.0  # of each autoencoder batch: generic pictures (ldm.data.codec)
-    vae_edge_weight: float = 0.0  # edge pixels' extra weight in its loss (AutoencoderObjective)
+    vae_codec_share: float = 0.5  # of each autoencoder batch: generic pictures (ldm.data.codec)
+    vae_edge_weight: float = 8.0  # edge pixels' extra weight in its loss (AutoencoderObjective)
     latent_std: float = 0.25     # std of the scaled latents z₀ the diffusion sees (SD: 1)
     steps: int = 4000
     batch: int = 32
@@ -71,7 +71,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     grad_accum: int = 1          # micro-batches per step: the batch is split, not multiplied
     precision: str = "fp32"      # "bf16": autocast; "fp16": autocast and a grad scaler (CUDA)
-    vae_precision: str | None = None  # the autoencoder stage's (None: `precision`)
+    # The autoencoder stage's (None: `precision`'s): bf16 trains the shipped autoencoder 1.5-2.5×
+    # faster than float32 on CPUs with bf16 units; the U-Net stage stays float32.
+    vae_precision: str | None = "bf16"
     grad_checkpointing: bool = False  # recompute activations in the backward pass
 
     def __post_init__(self):

@@ -2,8 +2,9 @@
 decoder (ldm/latent_targets.py), the fine-tuning flags that use them (--world, --only,
 --fit-latents, --replay), and the shipped LoRA weights/tiny-shapes-purple-star.safetensors.
 
-The premise is checked, not assumed: the shipped encoder turns a purple background blue (the
-judge reads the round trip), while a latent fitted to the decoder gives purple back.
+Fitting is for autoencoders that never saw a colour: the first shipped one turned a purple
+background blue. Today's was trained on generic pictures of every colour besides shapes world,
+so fitting only refines what its encoder gives (checked here: it decodes closer to the picture).
 """
 from pathlib import Path
 
@@ -41,18 +42,17 @@ def purple_backgrounds(seed, n=4):
     return shapes.EXTENDED.batch_for(prompts, g)
 
 
-def test_encoder_loses_purple_and_the_fitted_latent_keeps_it(pipe):
+def test_fitted_latent_decodes_closer_than_the_encoders(pipe):
     batch = purple_backgrounds(fresh_seed())
     vae = pipe.vae
     before = {k: v.clone() for k, v in vae.state_dict().items()}
     with torch.no_grad():
         round_trip = vae.decode(vae.encode(batch.images).mean)
-    assert not any(judge.read_image(x).background == "purple" for x in round_trip)
     z = fit_latents(vae, batch.images, steps=80)
     with torch.no_grad():
         fitted = vae.decode(z)
     assert all(judge.read_image(x).background == "purple" for x in fitted)
-    assert (fitted - batch.images).abs().mean() < 0.5 * (round_trip - batch.images).abs().mean()
+    assert (fitted - batch.images).abs().mean() < 0.9 * (round_trip - batch.images).abs().mean()
     # Only z was optimised: the autoencoder is bit for bit the shipped one, with no gradients.
     assert all(torch.equal(v, before[k]) for k, v in vae.state_dict().items())
     assert all(p.grad is None for p in vae.parameters())
@@ -182,10 +182,11 @@ def test_shipped_lora_loads_onto_the_shipped_model_and_changes_it():
 @pytest.mark.slow
 def test_shipped_lora_draws_purple_and_stars():
     """Held-out prompts naming purple or star, 2 samples each at the default settings: the
-    shipped model gets none right; the LoRA some (its card, 34 × 8 images, two seeds: 15 %;
-    the issue's target of 85 % is not reached, so this is a floor, not the target)."""
+    shipped model gets almost none right; the LoRA most (its card, 34 × 8 images, two seeds:
+    77.7 %; the issue's target of 85 % is not reached, so this is a floor, not the target)."""
     pipe = ldm.load()
     prompts = [p for f in shapes.FAMILIES for p in shapes.NEW_CONCEPTS.held_out_prompts(f)]
-    assert judge.accuracy(judge.evaluate(pipe, prompts, samples=2, seed=5))["all"] < 0.03
+    # the card: 3.3 % of 272 images (8 a prompt), against the LoRA's 77.7 %
+    assert judge.accuracy(judge.evaluate(pipe, prompts, samples=2, seed=5))["all"] < 0.1
     pipe.load_lora(SHIPPED_LORA)
-    assert judge.accuracy(judge.evaluate(pipe, prompts, samples=2, seed=5))["all"] >= 0.05
+    assert judge.accuracy(judge.evaluate(pipe, prompts, samples=2, seed=5))["all"] >= 0.5
