@@ -185,8 +185,9 @@ def estimate_memory(config, batch, height, width, dtype=torch.float32):
     Conditioning: B · 77 · context_dim per half, twice over in guidance's batched copy.
 
     This is the least a request can run in, what it is refused below: with memory to spare
-    the VAE decodes whole and the peak is higher. Measured on the shipped 64-px model, CPU,
-    float32, decoding whole: 256 px peaks at 73 MB (estimate 11 MB), 384 px at 154 MB (22 MB).
+    the VAE decodes whole and the peak is higher. Measured on the first shipped 64-px model
+    (a 16-channel VAE), CPU, float32, decoding whole: 256 px peaks at 73 MB (estimate 11 MB),
+    384 px at 154 MB (22 MB).
     """
     size = torch.tensor([], dtype=dtype).element_size()
     unet, vae = config.unet, config.vae

@@ -330,10 +330,12 @@ def test_estimate_grows_as_the_request_does():
     assert arguments.estimate_memory(config, 4, 256, 256) == pytest.approx(4 * one, rel=0.01)
     assert arguments.estimate_memory(config, 1, 256, 256, torch.float16) == pytest.approx(
         one / 2, rel=0.01)
-    # The least the request runs in (the VAE in tiles): below what this model was measured to
-    # use decoding whole (CPU, float32): 73 MB at 256 px, 154 MB at 384 px.
+    # The least the request runs in (the VAE in tiles): below what the first shipped model (half
+    # the VAE's width) was measured to use decoding whole (CPU, float32): 73 MB at 256 px,
+    # 154 MB at 384 px. Growing with the size, if less than the pixels (2.25×) at this VAE's
+    # width.
     assert 5e6 < one < 73e6
-    assert 2 * one < arguments.estimate_memory(config, 1, 384, 384) < 154e6
+    assert 1.2 * one < arguments.estimate_memory(config, 1, 384, 384) < 154e6
     # 1024 px on the 64-px model once asked for a 17 GB attention map; tiles need far less.
     assert arguments.estimate_memory(config, 1, 1024, 1024) < 1e9
     assert arguments.available_memory("cpu") > 0
