@@ -306,8 +306,9 @@ def _finetune_data(args, pipe, rank):
 
 def _world_data(args, pipe):
     """--world's data function: the world's captions (naming --only's words), from images drawn
-    on the fly or from --fit-latents' fitted latents, with a --replay share of the default
-    world. Every rank builds the same data (the fitting is seeded by --seed)."""
+    on the fly, from --pool's drawn and encoded once, or from --fit-latents' fitted latents,
+    with a --replay share of the default world. Every rank builds the same data (the pool and
+    the fitting are seeded by --seed)."""
     from ldm import judge  # shapes-world only: it reads the fitted latents' decodings
     try:
         world = shapes.world(args.world).naming(*args.only)
@@ -326,8 +327,14 @@ def _world_data(args, pipe):
         log.info("fitted %d latents to the decoder in %.1f min, kept %d", args.fit_latents,
                  (time.monotonic() - started) / 60, len(targets))
         data, facts["num_images"] = targets.batch, len(targets)
+    elif args.pool is not None:
+        generator = torch.Generator().manual_seed(args.seed or 0)
+        targets = latent_targets.encode_targets(pipe.vae, world.training_batch(args.pool,
+                                                                               generator))
+        data, facts["num_images"] = targets.batch, len(targets)
     if args.replay:
         replay = latent_targets.encoded(shapes.training_batch, pipe.vae)
-        data = latent_targets.mixed(latent_targets.encoded(data, pipe.vae)
-                                    if args.fit_latents is None else data, replay, args.replay)
+        drawn = args.fit_latents is None and args.pool is None  # pictures, not latents yet
+        data = latent_targets.mixed(latent_targets.encoded(data, pipe.vae) if drawn else data,
+                                    replay, args.replay)
     return data, facts

@@ -281,6 +281,9 @@ def _parse_args(argv):
                    "(ldm.latent_targets), kept if the judge reads their decoding right; for "
                    "words the encoder cannot encode")
     g.add_argument("--fit-steps", type=int, default=100, help="Adam steps per fitted latent")
+    g.add_argument("--pool", type=int, metavar="N", help="with --world: train on N pictures "
+                   "drawn and encoded once, not new ones encoded at every step (a LoRA step of "
+                   "the shipped model a quarter faster)")
     g.add_argument("--replay", type=float, metavar="SHARE", help="with --world: this share of "
                    "every batch from the default shapes world (encoded as usual), so that the "
                    "model keeps what it knew")
@@ -323,7 +326,7 @@ def _check_modes(parser, args):
         needs_init = [n for n in ("lora_rank", "lora_alpha", "lora_text_encoder", "lora_conv_rank",
                                   "lora_conv_alpha", "train_text_encoder", "ema", "data",
                                   "resolution", "cache_latents", "state_dir", "resume", "only",
-                                  "fit_latents", "replay") if given(n)]
+                                  "fit_latents", "pool", "replay") if given(n)]
         if needs_init:
             parser.error(f"--{needs_init[0].replace('_', '-')} needs --init (fine-tuning)")
     else:
@@ -340,8 +343,12 @@ def _check_modes(parser, args):
             parser.error("--ema-decay with --init needs --ema")
     if (args.resolution or args.cache_latents) and not args.data:
         parser.error("--resolution and --cache-latents need --data")
-    if args.world is None and any(given(n) for n in ("only", "fit_latents", "replay")):
-        parser.error("--only, --fit-latents and --replay need --world")
+    if args.world is None and any(given(n) for n in ("only", "fit_latents", "pool", "replay")):
+        parser.error("--only, --fit-latents, --pool and --replay need --world")
+    if args.fit_latents is not None and args.pool is not None:
+        parser.error("--pool and --fit-latents are two fixed sets of latents: give one")
+    if args.pool is not None and args.pool < 1:
+        parser.error(f"--pool needs N >= 1, got {args.pool}")
     if args.world is not None and args.data:
         parser.error("--world and --data are two sources of data: give one")
     if args.world is not None:

@@ -16,8 +16,8 @@ import ldm
 from ldm import judge, train
 from ldm.data import shapes
 from ldm.data.shapes import Prompt
-from ldm.latent_targets import (LatentTargets, encoded, fit_latents, fit_targets, mixed,
-                                point_moments)
+from ldm.latent_targets import (LatentTargets, encode_targets, encoded, fit_latents, fit_targets,
+                                mixed, point_moments)
 from ldm.models.vae import DiagonalGaussian
 
 from helpers import fresh_seed
@@ -101,8 +101,22 @@ def test_latent_targets_batch_and_mixed_replay(pipe):
         mixed(targets.batch, targets.batch, 1.5)
 
 
+def test_a_pool_holds_the_encoders_moments_of_its_pictures(pipe):
+    """encode_targets (--pool) stores what `encoded` computes at each step, chunk by chunk."""
+    batch = shapes.NEW_CONCEPTS.training_batch(5, torch.Generator().manual_seed(fresh_seed()))
+    pool = encode_targets(pipe.vae, batch, batch_size=2)
+    assert pool.captions == list(batch.captions)
+    on_the_fly = encoded(lambda n, g: batch, pipe.vae)(5, None).latents
+    assert pool.moments.shape == on_the_fly.shape == (5, 8, 16, 16)
+    error = (pool.moments - on_the_fly).norm() / on_the_fly.norm()
+    assert error < 1e-5, f"relative error {error:.2e}"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--only", "purple"], "need --world"),
+    (["--pool", "8"], "need --world"),
+    (["--world", "shapes", "--pool", "0"], "--pool needs N >= 1"),
+    (["--world", "shapes", "--pool", "8", "--fit-latents", "8"], "give one"),
     (["--world", "shapes+purple", "--data", "x"], "give one"),
     (["--world", "shapes", "--replay", "2"], "--replay must be"),
     (["--world", "shapes", "--fit-latents", "0"], "--fit-latents needs"),
@@ -140,16 +154,22 @@ def test_world_flag_trains_from_scratch_on_that_world(argv, words, monkeypatch):
     assert seen.value.args[0] == words
 
 
-def test_world_flags_train_a_lora(tmp_path):
+# Pictures drawn at each step, or fixed ones: the fitting keeps the latents that decode right
+# (up to 4), a pool keeps all.
+@pytest.mark.parametrize("fixed, images", [([], None),
+                                           (["--fit-latents", "4", "--fit-steps", "3"], range(5)),
+                                           (["--pool", "6"], [6])])
+def test_world_flags_train_a_lora(tmp_path, fixed, images):
     out = tmp_path / "new.safetensors"
     train.main(["--init", str(ROOT / "weights/tiny-shapes.safetensors"), "--out", str(out),
-                "--world", "shapes+purple+star", "--only", "purple", "star", "--fit-latents", "4",
-                "--fit-steps", "3", "--replay", "0.5", "--lora-rank", "2",
+                "--world", "shapes+purple+star", "--only", "purple", "star", *fixed,
+                "--replay", "0.5", "--lora-rank", "2",
                 "--lora-text-encoder", "--steps", "2", "--batch", "4", "--threads", "1"])
     with safe_open(str(out), "pt") as f:
         metadata = f.metadata()
         keys = set(f.keys())
-    assert int(metadata["ss_num_train_images"]) <= 4
+    if images is not None:
+        assert int(metadata["ss_num_train_images"]) in images
     assert any(k.startswith("lora_te_") for k in keys)
     assert any(k.startswith("lora_unet_") for k in keys)
 
