@@ -202,11 +202,11 @@ def test_shipped_lora_loads_onto_the_shipped_model_and_changes_it():
 @pytest.mark.slow
 def test_shipped_lora_draws_purple_and_stars():
     """Held-out prompts naming purple or star, 2 samples each at the default settings: the
-    shipped model gets almost none right; the LoRA most (its card, 34 × 8 images, two seeds:
-    77.7 %; the issue's target of 85 % is not reached, so this is a floor, not the target)."""
+    shipped model gets almost none right; the LoRA nearly all (its card, 34 × 8 images, two
+    seeds: 96.5 %; the issue's target is 85 %)."""
     pipe = ldm.load()
     prompts = [p for f in shapes.FAMILIES for p in shapes.NEW_CONCEPTS.held_out_prompts(f)]
-    # the card: 3.3 % of 272 images (8 a prompt); these 68 at seed 5: 10.3 %; the LoRA's 77.7 %
+    # the card: 3.3 % of 272 images (8 a prompt); these 68 at seed 5: 10.3 %; the LoRA's 96.5 %
     assert judge.accuracy(judge.evaluate(pipe, prompts, samples=2, seed=5))["all"] < 0.25
     pipe.load_lora(SHIPPED_LORA)
-    assert judge.accuracy(judge.evaluate(pipe, prompts, samples=2, seed=5))["all"] >= 0.5
+    assert judge.accuracy(judge.evaluate(pipe, prompts, samples=2, seed=5))["all"] >= 0.85
