@@ -1,5 +1,6 @@
 """Training latents for pictures the autoencoder's encoder cannot encode: latents fitted to the
-frozen decoder, and data functions that mix them with the model's own data.
+frozen decoder, and data functions that mix them with the model's own data. (Also a fixed set
+of the encoder's own latents, `encode_targets`, for training without encoding at every step.)
 
 Why. A LoRA teaches the U-Net to produce latents z₀ and leaves the autoencoder as it is. The
 usual targets are the encoder's, z₀ = E(x). But an encoder only encodes what it was trained on:
