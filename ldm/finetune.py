@@ -316,10 +316,10 @@ def _world_data(args, pipe):
         raise SystemExit(f"--world / --only: {error}")
     facts = {"resolution": (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)}
     data = world.training_batch
+    generator = torch.Generator().manual_seed(args.seed or 0)  # a fixed set's pictures
     if args.fit_latents is not None:
         # Its small-channel convolutions run faster in this layout on CPUs (weights unchanged).
         pipe.vae.to(memory_format=torch.channels_last)
-        generator = torch.Generator().manual_seed(args.seed or 0)
         started = time.monotonic()
         targets = latent_targets.fit_targets(pipe.vae, world.training_batch(args.fit_latents,
                                                                             generator),
@@ -328,7 +328,6 @@ def _world_data(args, pipe):
                  (time.monotonic() - started) / 60, len(targets))
         data, facts["num_images"] = targets.batch, len(targets)
     elif args.pool is not None:
-        generator = torch.Generator().manual_seed(args.seed or 0)
         targets = latent_targets.encode_targets(pipe.vae, world.training_batch(args.pool,
                                                                                generator))
         data, facts["num_images"] = targets.batch, len(targets)
